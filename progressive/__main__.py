@@ -1,0 +1,7 @@
+"""`python -m progressive`."""
+
+import sys
+
+from progressive.cli import main
+
+sys.exit(main())

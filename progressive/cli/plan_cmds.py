@@ -1,0 +1,177 @@
+"""`progressive plan` and `progressive schema`: show what would run; write and submit nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from progressive.cli.render import console
+from progressive.config import load_config
+from progressive.plan import Plan, StagePlan, build_plan
+
+DEFAULT_CONFIG = "stages.toml"
+
+
+def add_config_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
+    """The options shared by plan and submit."""
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
+                   help=f"the stage graph file (default: {DEFAULT_CONFIG})")
+    if stages:
+        p.add_argument("--stages", metavar="A,B,...", help="only these stages (default: all)")
+    p.add_argument("--run-name", metavar="NAME", help="run name (default: [run].name of the file)")
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add `plan` and `schema`."""
+    p = sub.add_parser("plan", help="show every stage: bucket, samples, steps, budget, parents, Slurm request",
+                       description="Resolve the stage graph against the data on disk and show what would run. "
+                       "Writes nothing, submits nothing.")
+    add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="also print each stage's exact sbatch script")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (includes the sbatch scripts)")
+    p.set_defaults(handler=cmd_plan)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of stages.toml (for editors)")
+    s.set_defaults(handler=cmd_schema)
+
+
+def data_counts(path: Path) -> Mapping[int, Mapping[str, int]]:
+    """Samples per bucket and split, from the dataset's index (no torch)."""
+    from progressive.data.format import bucket_counts
+
+    return bucket_counts(path)
+
+
+def split_stages(text: str | None) -> list[str] | None:
+    """Parse --stages a,b,c."""
+    if not text:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def load_plan(args: argparse.Namespace) -> Plan:
+    """Config file + options -> Plan (raises ConfigError on a bad file or option)."""
+    cfg = load_config(args.config)
+    return build_plan(cfg, args.config, run_name=args.run_name, select=split_stages(getattr(args, "stages", None)),
+                      counts=data_counts)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Handler of `progressive plan`."""
+    plan = load_plan(args)
+    if args.json:
+        print(json.dumps(plan_json(plan), indent=2))
+        return 0
+    show_plan(plan)
+    if args.dry_run:
+        show_scripts(plan)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Handler of `progressive schema`."""
+    from progressive.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-able data, with each stage's sbatch script."""
+    from progressive.slurm import render_script
+
+    out = plan.model_dump(mode="json", exclude={"stages"})
+    out["stages"] = []
+    for st in plan.stages:
+        d = st.model_dump(mode="json")
+        d["time_limit_min"] = st.time_limit_min
+        d["init_from"] = st.init_from.stage or st.init_from.checkpoint or "none"
+        d["init_checkpoint"] = st.init_from.checkpoint
+        d["sbatch"] = render_script(plan, st)
+        out["stages"].append(d)
+    return out
+
+
+def rel(path: str | Path) -> str:
+    """A path relative to the working directory when it lies below it (shorter tables)."""
+    p = Path(path)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _fmt_min(minutes: float | None) -> str:
+    if minutes is None:
+        return "unknown"
+    m = int(round(minutes))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{minutes:g}m"
+
+
+def _fmt_mb(mb: int | None) -> str:
+    if mb is None:
+        return "-"
+    return f"{mb / 1024:g}G" if mb >= 1024 else f"{mb}M"
+
+
+def _resources(st: StagePlan) -> str:
+    """Compact Slurm request: nodes x tasks, cpus/task, gpus/node, mem, partition."""
+    s = st.slurm
+    parts = [f"{s.nodes}x{s.tasks_per_node}", f"{s.cpus_per_task}c"]
+    if s.gpus_per_node:
+        parts.append(f"{s.gpus_per_node}g")
+    parts.append(_fmt_mb(s.mem))
+    if s.partition:
+        parts.append(s.partition)
+    return " ".join(parts)
+
+
+def show_plan(plan: Plan) -> None:
+    """Print the plan table."""
+    from rich.table import Table
+
+    con = console()
+    con.print(f"[bold]run[/] {plan.run_name}   [bold]config[/] {rel(plan.config_path)}   [bold]data[/] {rel(plan.data_path)}"
+              f"   [bold]records[/] {rel(plan.run_dir)}")
+    if plan.data_error:
+        con.print(f"[red]data: {plan.data_error}[/]")
+    t = Table(show_lines=False, header_style="bold")
+    for col in ("stage", "n", "batch", "epochs", "train/val", "steps/ep", "steps", "budget",
+                "estimate", "init from", "gpu mem", "slurm (nodes x tasks, cpus, gpus, mem)"):
+        t.add_column(col, no_wrap=col == "stage",
+                     justify="right" if col in {"n", "batch", "epochs", "steps/ep", "steps"} else "left")
+    for st in plan.stages:
+        if st.samples is None:
+            samples = "[red]unknown[/]"
+        elif st.samples["train"] == 0:
+            samples = "[red]missing[/]"
+        else:
+            samples = f"{st.samples['train']}/{st.samples['val']}"
+        estimate = _fmt_min(st.estimate_min)
+        if st.estimate_min is not None and st.estimate_min > st.time_limit_min:
+            estimate = f"[yellow]{estimate} (requeues)[/]"
+        init = st.init_from.stage or (Path(st.init_from.checkpoint).name if st.init_from.checkpoint else "-")
+        has_steps = st.total_steps is not None and st.total_steps > 0
+        t.add_row(st.name, str(st.bucket), str(st.batch_size), str(st.epochs), samples,
+                  str(st.steps_per_epoch) if has_steps else "-",
+                  str(st.total_steps) if has_steps else "-",
+                  _fmt_min(st.time_limit_min), estimate, init, _fmt_mb(st.gpu_mem_mb), _resources(st))
+    con.print(t)
+    for st in plan.stages:
+        init = f"   init from {rel(st.init_from.checkpoint)}" if st.init_from.checkpoint else ""
+        con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")
+
+
+def show_scripts(plan: Plan) -> None:
+    """Print every stage's sbatch script (dependencies shown as afterok:<parent>)."""
+    from rich.rule import Rule
+
+    from progressive.slurm import render_script
+
+    con = console()
+    for st in plan.stages:
+        con.print(Rule(f"sbatch script: {st.name}"))
+        con.print(render_script(plan, st), markup=False, highlight=False)
+    con.print("[dim]dry run: nothing written, nothing submitted[/]")

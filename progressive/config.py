@@ -1,0 +1,487 @@
+"""The stage-graph file (`stages.toml`): Pydantic models, parsing and validation.
+
+Everything here is pure: `load_config(path)` reads one TOML file and returns a
+validated `GraphConfig`, or raises `ConfigError` naming the file, the stage and the
+key, with a hint. Nothing here imports torch or touches Slurm.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from progressive.errors import ConfigError
+
+# Names become directory names, Slurm job names and run ids: keep them boring.
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+NAME_RULE = "letters, digits, '-', '_' and '.' only, no leading dot, at most 64 characters"
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Return `value` if it is a safe stage/run name, else raise ValueError saying the rule."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(f"invalid {what} {value!r}: use {NAME_RULE}")
+    return value
+
+
+# --------------------------------------------------------------------------- time and memory
+
+_DURATION_UNITS = {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}
+_UNIT_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_SLURM_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+TIME_FORMATS = '"4h", "90m", "2h30m", "45s", "1-12:00:00", "08:00:00" or "MM" minutes'
+
+
+def parse_duration_min(value: str | int | float) -> int:
+    """Parse a time limit into whole minutes (rounded up, at least 1).
+
+    Accepts unit strings ("4h", "90m", "2h30m", "30s", "1d"), Slurm's forms
+    ("1-12:00:00", "08:00:00", "1-12", "MM:SS") and bare numbers (minutes, as sbatch does).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as {TIME_FORMATS}, got {value!r}")
+    if isinstance(value, (int, float)):
+        minutes = float(value)
+    else:
+        text = value.strip().lower()
+        minutes = _parse_duration_text(text)
+        if minutes is None:
+            raise ValueError(f"cannot parse {value!r} as a duration; use {TIME_FORMATS}")
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return max(1, math.ceil(minutes - 1e-9))
+
+
+def _parse_duration_text(text: str) -> float | None:
+    if not text:
+        return None
+    if _UNIT_RE.sub("", text).strip() == "" and _UNIT_RE.search(text):
+        return sum(float(n) * _DURATION_UNITS[u] for n, u in _UNIT_RE.findall(text))
+    m = _SLURM_TIME_RE.match(text)
+    if not m:
+        return None
+    days, a, b, c = m.groups()
+    d = int(days or 0)
+    if days is not None:  # D-HH[:MM[:SS]]
+        h, mi, s = int(a), int(b or 0), int(c or 0)
+    elif c is not None:  # HH:MM:SS
+        h, mi, s = int(a), int(b), int(c)
+    elif b is not None:  # MM:SS
+        h, mi, s = 0, int(a), int(b)
+    else:  # MM
+        h, mi, s = 0, int(a), 0
+    if mi >= 60 and (b is not None or days is not None) or s >= 60:
+        return None
+    return d * 1440 + h * 60 + mi + s / 60
+
+
+def parse_seconds(value: str | int | float) -> int:
+    """Parse a short delay ("90s", "2m", 90) into whole seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected seconds such as 90 or \"90s\", got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        if not (_UNIT_RE.search(text) and _UNIT_RE.sub("", text).strip() == ""):
+            raise ValueError(f"cannot parse {value!r} as seconds; use 90 or \"90s\" or \"2m\"")
+        seconds = sum(float(n) * _DURATION_UNITS[u] * 60 for n, u in _UNIT_RE.findall(text))
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"must be >= 0 seconds, got {value!r}")
+    return int(round(seconds))
+
+
+_MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+_MEM_FACTORS = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
+MEM_FORMATS = '"24G", "512M", "1.5T" (a bare number means megabytes, as in sbatch)'
+
+
+def parse_mem_mb(value: str | int) -> int:
+    """Parse a memory size into whole megabytes (Slurm's unit)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a memory size such as {MEM_FORMATS}, got {value!r}")
+    if isinstance(value, (int, float)):
+        mb = float(value)
+    else:
+        m = _MEM_RE.match(value.strip().lower())
+        if not m:
+            raise ValueError(f"cannot parse {value!r} as memory; use {MEM_FORMATS}")
+        mb = float(m.group(1)) * _MEM_FACTORS[m.group(2)]
+    if mb <= 0 or not math.isfinite(mb):
+        raise ValueError(f"memory must be positive, got {value!r}")
+    return max(1, math.ceil(mb))
+
+
+def _as_duration(v: Any) -> Any:
+    return v if v is None else parse_duration_min(v)
+
+
+def _as_mem(v: Any) -> Any:
+    return v if v is None else parse_mem_mb(v)
+
+
+def _as_seconds(v: Any) -> Any:
+    return v if v is None else parse_seconds(v)
+
+
+Minutes = Annotated[int, BeforeValidator(_as_duration)]
+MegaBytes = Annotated[int, BeforeValidator(_as_mem)]
+Seconds = Annotated[int, BeforeValidator(_as_seconds)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- the tables
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunConfig(_Strict):
+    """`[run]`: where things live and the run's identity."""
+
+    name: str = Field("run", description="Run name: the folder under jobs/ and checkpoints/, and the Slurm job-name prefix.")
+    seed: int = Field(0, description="Seed for model init, data order and everything random.")
+    data: str = Field("data/matrices.h5", description="The bucketed HDF5 dataset (relative to the config file).")
+    checkpoints: str = Field("checkpoints", description="Root folder for checkpoints (relative to the config file).")
+    jobs: str = Field("jobs", description="Root folder for run records and Slurm logs (relative to the config file).")
+
+    _check_name = field_validator("name")(lambda v: validate_name(v, "run name"))
+
+
+class SlurmConfig(_Strict):
+    """`[slurm]`: the Slurm request; every key may be overridden per stage."""
+
+    partition: Optional[str] = Field(None, description="Slurm partition (cluster default when unset).")
+    account: Optional[str] = Field(None, description="Slurm account to charge.")
+    qos: Optional[str] = Field(None, description="Slurm quality of service.")
+    nodes: PositiveInt = Field(1, description="Nodes per stage job.")
+    tasks_per_node: PositiveInt = Field(1, description="Processes per node: DDP ranks (one per GPU on GPU nodes).")
+    gpus_per_node: Annotated[int, Field(ge=0)] = Field(0, description="GPUs per node (0 trains on CPU).")
+    cpus_per_task: PositiveInt = Field(1, description="CPU cores per task (DataLoader workers + 1).")
+    mem: Optional[MegaBytes] = Field(None, description=f"Host memory per node, e.g. {MEM_FORMATS}.")
+    time: Minutes = Field(60, description=f"Default time limit per job, e.g. {TIME_FORMATS}.")
+    max_requeues: Annotated[int, Field(ge=0)] = Field(3, description="Times a stage may requeue itself after a time-out.")
+    signal: Literal["USR1", "USR2", "TERM", "INT", "HUP", "URG"] = Field(
+        "USR2", description="Signal Slurm sends before the time limit (USR2: NCCL may swallow USR1).")
+    signal_delay: Seconds = Field(120, description="Seconds before the time limit that the signal is sent.")
+    constraint: Optional[str] = Field(None, description="Slurm --constraint.")
+    exclude: Optional[str] = Field(None, description="Slurm --exclude (nodes to avoid).")
+    setup: tuple[str, ...] = Field((), description="Shell lines run in the sbatch script before the job (e.g. module load).")
+    extra: dict[str, str | int | bool] = Field(default_factory=dict, description="Extra sbatch options, e.g. {mail-type = \"END\"}.")
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+                raise ValueError(f"extra sbatch option {key!r} is not an sbatch long option name (e.g. 'mail-type')")
+        return v
+
+
+class TrainConfig(_Strict):
+    """`[train]`: optimisation and checkpointing; every key may be overridden per stage."""
+
+    lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Peak learning rate (AdamW).")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    warmup_frac: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="Share of the stage's steps spent in linear warmup.")
+    min_lr_frac: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="Cosine decay floor as a share of lr.")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    clip_grad_norm: Optional[Annotated[float, Field(gt=0)]] = Field(1.0, description="Clip the gradient norm to this (unset: no clipping).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp16 with a GradScaler on GPU, fp32 on CPU.")
+    checkpoint_every: str | int = Field("30m", description="Periodic checkpoint: a duration (\"30m\") or a number of optimizer steps.")
+    keep_checkpoints: PositiveInt = Field(2, description="Periodic checkpoints kept per stage (the final one is kept apart).")
+    num_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader workers (0 measured fastest on 2 cores).")
+    eval_samples: Annotated[int, Field(ge=0)] = Field(16, description="Validation matrices evaluated at the end of the stage (0: none).")
+    log_every: PositiveInt = Field(1, description="Write a metrics line every this many optimizer steps.")
+    throughput: Optional[Annotated[float, Field(gt=0)]] = Field(
+        None, description="Measured samples/s for this stage's bucket; enables plan's time estimate.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (if installed).")
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _ckpt_every(cls, v: str | int) -> str | int:
+        if isinstance(v, bool):
+            raise ValueError("checkpoint_every must be a duration such as \"30m\" or a number of steps")
+        if isinstance(v, int):
+            if v <= 0:
+                raise ValueError("checkpoint_every must be a positive number of steps")
+            return v
+        parse_duration_min(v)  # raises with the accepted formats
+        return v
+
+
+class ModelConfig(_Strict):
+    """`[model]`: the task (model, data, loss, evaluation) and its options."""
+
+    task: str = Field("progressive.tasks.precond:PreconditionerTask", description="The task object, as \"module:object\".")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the task.")
+
+    @field_validator("task")
+    @classmethod
+    def _task_ref(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
+            raise ValueError(f"task {v!r} must look like \"package.module:Object\"")
+        return v
+
+
+# A stage may override any [slurm] or [train] key: same names, optional, None = inherit.
+_OVERRIDES: dict[str, Any] = {}
+for _model in (SlurmConfig, TrainConfig):
+    for _name, _field in _model.model_fields.items():
+        # Keep the field's validators and bounds (Pydantic moves them to `metadata`).
+        _typ = Annotated[(_field.annotation, *_field.metadata)] if _field.metadata else _field.annotation
+        _table = _model.__name__.removesuffix("Config").lower()
+        _OVERRIDES[_name] = (Optional[_typ], Field(None, description=f"Override of [{_table}].{_name}."))
+
+_StageOverrides = create_model("_StageOverrides", __base__=_Strict, **_OVERRIDES)  # type: ignore[call-overload]
+
+
+class StageConfig(_StageOverrides):  # type: ignore[misc, valid-type]
+    """One `[[stage]]`: a bucket trained for some epochs, started from a parent's weights."""
+
+    name: str = Field(description=f"Stage name ({NAME_RULE}).")
+    bucket: PositiveInt = Field(description="Matrix size n of the data bucket this stage trains on.")
+    batch_size: PositiveInt = Field(description="Matrices per micro-batch per process.")
+    epochs: PositiveInt = Field(description="Passes over the bucket's training split.")
+    init_from: Optional[str] = Field(
+        None, description="Parent stage name, a checkpoint path, or \"none\"; default: the previous stage in the file.")
+    gpu_mem: Optional[MegaBytes] = Field(None, description="Measured GPU-memory estimate (shown by plan; not a Slurm request).")
+
+    _check_name = field_validator("name")(lambda v: validate_name(v, "stage name"))
+
+
+class GraphConfig(_Strict):
+    """The whole file."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage: tuple[StageConfig, ...] = Field(description="The stages, as [[stage]] tables.")
+
+    @model_validator(mode="after")
+    def _graph(self) -> "GraphConfig":
+        if not self.stage:
+            raise ValueError("the graph has no stages; add at least one [[stage]] table")
+        seen: set[str] = set()
+        for i, st in enumerate(self.stage):
+            if st.name in seen:
+                raise _GraphIssue(i, "name", f"duplicate stage name {st.name!r}", "give every [[stage]] a unique name")
+            seen.add(st.name)
+        for i, st in enumerate(self.stage):
+            ref = st.init_from
+            if ref is None or ref.lower() == "none" or ref in seen or _looks_like_path(ref):
+                if ref == st.name:
+                    raise _GraphIssue(i, "init_from", f"stage {st.name!r} starts from itself", "name an earlier stage, a checkpoint path, or \"none\"")
+                continue
+            close = difflib.get_close_matches(ref, sorted(seen), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _GraphIssue(i, "init_from", f"init_from {ref!r} names no stage",
+                              f"{hint}valid stages: {', '.join(sorted(seen))}; or give a checkpoint path (containing '/') or \"none\"")
+        cycle = find_cycle(parents(self))
+        if cycle:
+            i = [s.name for s in self.stage].index(cycle[0])
+            raise _GraphIssue(i, "init_from", "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]]),
+                              "init_from must point to a stage that does not (indirectly) start from this one")
+        return self
+
+    def stage_by_name(self, name: str) -> StageConfig:
+        """The stage called `name` (KeyError if none)."""
+        for st in self.stage:
+            if st.name == name:
+                return st
+        raise KeyError(name)
+
+
+class _GraphIssue(ValueError):
+    """A graph-level problem pinned to one stage and key (converted to ConfigError)."""
+
+    def __init__(self, index: int, key: str, msg: str, hint: str) -> None:
+        super().__init__(msg)
+        self.index, self.key, self.msg, self.hint = index, key, msg, hint
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".pt", ".pth"))
+
+
+def init_parent(cfg: GraphConfig, index: int) -> str | None:
+    """The stage name stage `index` starts from, or None (a path, "none", or the first stage)."""
+    st = cfg.stage[index]
+    if st.init_from is None:
+        return cfg.stage[index - 1].name if index > 0 else None
+    if st.init_from.lower() == "none" or _looks_like_path(st.init_from):
+        return None
+    return st.init_from
+
+
+def parents(cfg: GraphConfig) -> dict[str, str | None]:
+    """Map each stage to the stage it starts from (None for roots)."""
+    return {st.name: init_parent(cfg, i) for i, st in enumerate(cfg.stage)}
+
+
+def find_cycle(edges: dict[str, str | None]) -> list[str]:
+    """Return one cycle in a child->parent map as a list of names, or [] if it is a DAG."""
+    state: dict[str, int] = {}
+    for start in edges:
+        path: list[str] = []
+        node: str | None = start
+        while node is not None and state.get(node, 0) == 0:
+            state[node] = 1
+            path.append(node)
+            node = edges.get(node)
+        if node is not None and state.get(node) == 1:
+            return path[path.index(node):][::-1]
+        for n in path:
+            state[n] = 2
+    return []
+
+
+def topological_order(cfg: GraphConfig) -> list[str]:
+    """Stage names so that every parent comes before its children (file order kept where free)."""
+    par = parents(cfg)
+    done: list[str] = []
+    placed: set[str] = set()
+    while len(done) < len(par):
+        for st in cfg.stage:
+            p = par[st.name]
+            if st.name not in placed and (p is None or p in placed):
+                done.append(st.name)
+                placed.add(st.name)
+                break
+    return done
+
+
+def resolved(cfg: GraphConfig, stage: StageConfig) -> tuple[SlurmConfig, TrainConfig]:
+    """The stage's [slurm] and [train] with its own overrides applied."""
+    def merge(base: BaseModel) -> Any:
+        over = {k: getattr(stage, k) for k in type(base).model_fields if getattr(stage, k) is not None}
+        return base.model_copy(update=over) if over else base
+    return merge(cfg.slurm), merge(cfg.train)
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path) -> GraphConfig:
+    """Read and validate a stage-graph TOML file; raise ConfigError with file/stage/key on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", loc=str(path),
+                          hint="pass the stage graph with -c PATH (see examples/tiny.toml)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", loc=str(path)) from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> GraphConfig:
+    """Validate TOML text; `source` names it in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}", loc=source,
+                          hint="fix the line and column above (strings need quotes, tables [name], arrays of tables [[stage]])") from None
+    try:
+        return GraphConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc, raw, source) from None
+
+
+def _config_error(exc: ValidationError, raw: dict[str, Any], source: str) -> ConfigError:
+    """Turn Pydantic's first error into one message naming file, stage and key, with a fix."""
+    # An unknown key usually explains a "missing" one next to it (a typo): report it first.
+    err = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")[0]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _GraphIssue):
+        return ConfigError(ctx_err.msg, loc=f"{source}: {_stage_label(raw, ctx_err.index)}.{ctx_err.key}", hint=ctx_err.hint)
+    loc = list(err["loc"])
+    where = _where(raw, loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        table_model = _model_at(loc[:-1])
+        valid = sorted(table_model.model_fields) if table_model else []
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + f"valid keys: {', '.join(valid)}"
+        return ConfigError(f"unknown key {key!r}", loc=f"{source}: {where}", hint=hint)
+    if kind == "missing":
+        return ConfigError("required key is missing", loc=f"{source}: {where}",
+                           hint=f"add `{loc[-1]} = ...` to this table")
+    msg = err["msg"].removeprefix("Value error, ")
+    if "ctx" in err and ctx_err is None and kind.startswith(("greater_than", "less_than")):
+        hint = "use a positive number" if "greater" in kind else None
+    else:
+        hint = None
+    got = err.get("input")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        msg = f"{msg} (got {got!r})"
+        hint = hint or "check the value's type: strings need quotes, numbers must not be quoted"
+        if kind == "literal_error":
+            hint = "use one of the values listed above"
+    if kind == "value_error" and "duration" in msg:
+        hint = "write the time like \"4h\", \"90m\" or \"1-12:00:00\""
+    if kind == "value_error" and "memory" in msg:
+        hint = "write memory like \"24G\" or \"512M\""
+    if kind == "value_error" and "invalid" in msg and "name" in msg:
+        hint = "rename it; names become folder names and Slurm job names"
+    if kind.startswith("greater_than") or kind.startswith("less_than"):
+        msg = f"{msg} (got {got!r})"
+        hint = hint or "change the value to lie in the allowed range"
+    return ConfigError(msg, loc=f"{source}: {where}", hint=hint)
+
+
+def _stage_label(raw: dict[str, Any], index: int) -> str:
+    try:
+        name = raw["stage"][index].get("name")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        name = None
+    return f"stage {name!r} ([[stage]] #{index + 1})" if isinstance(name, str) else f"[[stage]] #{index + 1}"
+
+
+def _where(raw: dict[str, Any], loc: list[Any]) -> str:
+    if loc and loc[0] == "stage" and len(loc) >= 2 and isinstance(loc[1], int):
+        rest = ".".join(str(p) for p in loc[2:])
+        return _stage_label(raw, loc[1]) + (f".{rest}" if rest else "")
+    if len(loc) == 1 and loc[0] in ("run", "slurm", "train", "model"):
+        return f"[{loc[0]}]"
+    if loc and loc[0] in ("run", "slurm", "train", "model"):
+        return f"[{loc[0]}]." + ".".join(str(p) for p in loc[1:])
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _model_at(loc: list[Any]) -> type[BaseModel] | None:
+    tables: dict[str, type[BaseModel]] = {"run": RunConfig, "slurm": SlurmConfig, "train": TrainConfig, "model": ModelConfig}
+    if not loc:
+        return GraphConfig
+    if loc[0] == "stage" and len(loc) == 2:
+        return StageConfig
+    if len(loc) == 1:
+        return tables.get(str(loc[0]))
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the stage-graph file (for editors)."""
+    schema = GraphConfig.model_json_schema()
+    schema["title"] = "progressive stage graph (stages.toml)"
+    return schema

@@ -1,0 +1,295 @@
+"""Slurm: render, submit, query and cancel stage jobs. The only module that imports submitit.
+
+One function decides each stage's sbatch parameters (`sbatch_parameters`); the same
+submitit executor renders the script for `plan --dry-run` and submits it, so what
+the dry-run shows is what runs. States from sacct (or squeue/scontrol when accounting
+is off) are mapped to ours by one table, `STATE_MAP`. Commands are run as argument
+lists, never through a shell, so no user string reaches a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import submitit
+from submitit.core import utils as submitit_utils
+
+from progressive.errors import SlurmError
+from progressive.plan import Plan, StagePlan
+
+# Our state for each Slurm state (sacct/squeue spell them the same way; sacct adds
+# "CANCELLED by <uid>"). Anything unknown maps to "unknown" and is shown verbatim.
+STATE_MAP: dict[str, str] = {
+    "PENDING": "pending",
+    "CONFIGURING": "pending",
+    "REQUEUED": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "RESV_DEL_HOLD": "pending",
+    "SPECIAL_EXIT": "failed",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+    "RESIZING": "running",
+    "SUSPENDED": "suspended",
+    "STOPPED": "suspended",
+    "PREEMPTED": "pending",  # we run with --requeue: a preempted job comes back
+    "COMPLETED": "completed",
+    "FAILED": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "NODE_FAIL": "failed",
+    "TIMEOUT": "timeout",
+    "CANCELLED": "cancelled",
+    "REVOKED": "cancelled",
+}
+# Our states in which a job will never run again by itself.
+FINAL_STATES = frozenset({"completed", "failed", "timeout", "cancelled"})
+LIVE_STATES = frozenset({"pending", "running", "suspended", "blocked"})
+
+SUBMITIT_DIR = "slurm"  # under the run directory: scripts, pickles and logs of every job
+
+
+def slurm_available() -> bool:
+    """True when this machine has the Slurm client commands."""
+    return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+class _Executor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, constructible where srun is absent (to render dry-runs).
+
+    Submitting still needs Slurm; `submit_stage` checks that first.
+    """
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
+def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> dict[str, Any]:
+    """submitit parameters for one stage job. `dependency` is e.g. "afterok:123" or None."""
+    s = stage.slurm
+    params: dict[str, Any] = {
+        "job_name": stage.job_name,
+        "time": stage.time_limit_min,
+        "nodes": s.nodes,
+        "ntasks_per_node": s.tasks_per_node,
+        "cpus_per_task": s.cpus_per_task,
+        "signal_delay_s": s.signal_delay,
+        "stderr_to_stdout": False,
+    }
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(s, key):
+            params[key] = getattr(s, key)
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem:
+        params["mem"] = f"{s.mem}M"
+    if dependency:
+        params["dependency"] = dependency
+    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={s.signal}"]
+    if s.gpus_per_node:
+        # Fewer OOMs from fragmentation when bucket sizes change between stages.
+        setup.append("export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    params["setup"] = setup + list(s.setup)
+    # Our signal and delay (submitit's own is fixed at import), requeue-able on node
+    # failure, and the extra options the user asked for, last so they win.
+    extra: dict[str, Any] = {"signal": f"{s.signal}@{s.signal_delay}", "requeue": True}
+    extra.update(s.extra)
+    params["additional_parameters"] = extra
+    return params
+
+
+def executor(plan: Plan, stage: StagePlan, dependency: str | None) -> submitit.SlurmExecutor:
+    """The submitit executor configured for `stage` (shared by render and submit)."""
+    ex = _Executor(folder=Path(plan.run_dir) / SUBMITIT_DIR / "%j", max_num_timeout=stage.slurm.max_requeues)
+    ex.update_parameters(**sbatch_parameters(plan, stage, dependency))
+    return ex
+
+
+def symbolic_dependency(stage: StagePlan) -> str | None:
+    """The afterok dependency with parents' job ids shown as <stage> (for dry-runs)."""
+    return "afterok:" + ":".join(f"<{p}>" for p in stage.depends_on) if stage.depends_on else None
+
+
+def render_script(plan: Plan, stage: StagePlan, dependency: str | None = None) -> str:
+    """The exact sbatch script submit sends for `stage`, dependency symbolic unless given."""
+    ex = executor(plan, stage, dependency if dependency is not None else symbolic_dependency(stage))
+    return ex._make_submission_file_text(ex._submitit_command_str, uid="dry-run")
+
+
+def submit_stage(plan: Plan, stage: StagePlan, dependency: str | None, fn: Callable[..., Any], *args: Any) -> str:
+    """Submit one stage job running `fn(*args)`; return its job id or raise SlurmError."""
+    if not slurm_available():
+        raise SlurmError("Slurm is not available on this machine (no sbatch/srun on PATH)",
+                         hint="run the graph here with `progressive submit --local`")
+    ex = executor(plan, stage, dependency)
+    # submitit prints sbatch's stderr itself; we report it once, in our own words.
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            job = ex.submit(fn, *args)
+        except submitit_utils.FailedJobError as exc:
+            cause = exc.__cause__
+            cmd = list(getattr(cause, "cmd", ["sbatch"]))
+            out = getattr(cause, "stderr", "") or str(exc)
+            raise SlurmError(f"sbatch refused stage {stage.name!r}", cmd=[str(c) for c in cmd], output=out) from None
+        except submitit_utils.FailedSubmissionError as exc:
+            raise SlurmError(f"could not read sbatch's answer for stage {stage.name!r}", cmd=["sbatch"], output=str(exc)) from None
+    return str(job.job_id)
+
+
+def run(cmd: Sequence[str], *, timeout: float = 30, check: bool = True) -> str:
+    """Run a Slurm command (argument list, no shell) and return stdout; SlurmError with its words on failure."""
+    try:
+        res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SlurmError(f"{cmd[0]} not found", cmd=list(cmd), hint="is Slurm installed and on PATH?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{cmd[0]} did not answer within {timeout:.0f} s", cmd=list(cmd)) from None
+    if check and res.returncode != 0:
+        raise SlurmError(f"{cmd[0]} failed (exit {res.returncode})", cmd=list(cmd), output=res.stderr or res.stdout)
+    return res.stdout
+
+
+def cancel(job_ids: Sequence[str]) -> None:
+    """scancel these jobs (ignoring ones Slurm no longer knows)."""
+    if job_ids:
+        run(["scancel", *job_ids], check=False)
+
+
+def requeue(job_id: str) -> None:
+    """Put a running job back in the queue under the same id (keeps afterok edges valid)."""
+    run(["scontrol", "requeue", job_id], timeout=60)
+
+
+def release_now(job_id: str) -> None:
+    """Make a requeued job eligible at once (Slurm otherwise holds it ~2 min); needs operator rights."""
+    run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+
+def set_dependency(job_id: str, dependency: str) -> None:
+    """Point a pending job's dependency elsewhere (used by resume)."""
+    run(["scontrol", "update", f"JobId={job_id}", f"Dependency={dependency}"])
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What Slurm says about one job."""
+
+    job_id: str
+    slurm_state: str  # Slurm's word, e.g. "TIMEOUT"
+    state: str  # ours, via STATE_MAP; "blocked" for DependencyNeverSatisfied
+    reason: str
+    elapsed: str
+    restarts: int
+    source: str  # "sacct" or "squeue" or "scontrol"
+
+
+def map_state(slurm_state: str, reason: str = "") -> str:
+    """Our state for a Slurm state and pending reason."""
+    word = slurm_state.split()[0].rstrip("+") if slurm_state else ""
+    state = STATE_MAP.get(word, "unknown")
+    if state == "pending" and "DependencyNeverSatisfied" in reason:
+        return "blocked"
+    return state
+
+
+def query(job_ids: Sequence[str]) -> dict[str, JobInfo]:
+    """States of these jobs: sacct first, squeue/scontrol where accounting is off or lagging."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    infos = _from_sacct(ids)
+    missing = [j for j in ids if j not in infos or infos[j].state in {"pending", "unknown"}]
+    if missing:
+        infos.update(_from_squeue(missing))
+    still = [j for j in ids if j not in infos]
+    for j in still:
+        info = _from_scontrol(j)
+        if info:
+            infos[j] = info
+    return infos
+
+
+def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
+    fields = "JobID,State,Reason,Elapsed,Restarts"
+    try:
+        out = run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "--format", fields], timeout=20)
+    except SlurmError:
+        return {}  # accounting off or slurmdbd down: fall back
+    infos: dict[str, JobInfo] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5 or parts[0] not in ids:
+            continue
+        jid, st, reason, elapsed, restarts = parts[:5]
+        infos[jid] = JobInfo(jid, st, map_state(st, reason), reason, elapsed, _int(restarts), "sacct")
+    return infos
+
+
+def _from_squeue(ids: Sequence[str]) -> dict[str, JobInfo]:
+    try:
+        out = run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%M"], timeout=20)
+    except SlurmError:
+        return {}  # squeue errors for ids that have left the queue
+    infos: dict[str, JobInfo] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 4 or parts[0] not in ids:
+            continue
+        jid, st, reason, elapsed = parts[:4]
+        restarts = _restart_count(jid)
+        infos[jid] = JobInfo(jid, st, map_state(st, reason), reason, elapsed, restarts, "squeue")
+    return infos
+
+
+def _scontrol_fields(job_id: str) -> dict[str, str]:
+    try:
+        out = run(["scontrol", "show", "job", "-o", job_id], timeout=20)
+    except SlurmError:
+        return {}
+    fields: dict[str, str] = {}
+    for tok in out.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            fields.setdefault(k, v)
+    return fields
+
+
+def _restart_count(job_id: str) -> int:
+    return _int(_scontrol_fields(job_id).get("Restarts", "0"))
+
+
+def _from_scontrol(job_id: str) -> JobInfo | None:
+    f = _scontrol_fields(job_id)
+    if not f.get("JobState"):
+        return None
+    st, reason = f["JobState"], f.get("Reason", "")
+    return JobInfo(job_id, st, map_state(st, reason), reason, f.get("RunTime", ""), _int(f.get("Restarts", "0")), "scontrol")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
+def job_env() -> Mapping[str, Any]:
+    """Inside a Slurm job started by submitit: rank, world size and the master host for DDP."""
+    env = submitit.JobEnvironment()
+    return {
+        "job_id": env.job_id,
+        "global_rank": env.global_rank,
+        "local_rank": env.local_rank,
+        "num_tasks": env.num_tasks,
+        "hostnames": list(env.hostnames),
+    }
