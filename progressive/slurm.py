@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import submitit
-from submitit.core import utils as submitit_utils
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from progressive.errors import SlurmError
 from progressive.plan import Plan, StagePlan
+from progressive.record import SUBMITIT_DIR
+
+if TYPE_CHECKING:
+    import submitit
+
+# submitit is imported where it is used: `status` only needs sacct/squeue and must start fast.
 
 # Our state for each Slurm state (sacct/squeue spell them the same way; sacct adds
 # "CANCELLED by <uid>"). Anything unknown maps to "unknown" and is shown verbatim.
@@ -55,23 +61,27 @@ STATE_MAP: dict[str, str] = {
 FINAL_STATES = frozenset({"completed", "failed", "timeout", "cancelled"})
 LIVE_STATES = frozenset({"pending", "running", "suspended", "blocked"})
 
-SUBMITIT_DIR = "slurm"  # under the run directory: scripts, pickles and logs of every job
-
 
 def slurm_available() -> bool:
     """True when this machine has the Slurm client commands."""
     return shutil.which("sbatch") is not None and shutil.which("srun") is not None
 
 
-class _Executor(submitit.SlurmExecutor):
-    """submitit's Slurm executor, constructible where srun is absent (to render dry-runs).
+@lru_cache(maxsize=None)
+def _executor_class() -> type["submitit.SlurmExecutor"]:
+    import submitit
 
-    Submitting still needs Slurm; `submit_stage` checks that first.
-    """
+    class _Executor(submitit.SlurmExecutor):
+        """submitit's Slurm executor, constructible where srun is absent (to render dry-runs).
 
-    @classmethod
-    def affinity(cls) -> int:
-        return 2
+        Submitting still needs Slurm; `submit_stage` checks that first.
+        """
+
+        @classmethod
+        def affinity(cls) -> int:
+            return 2
+
+    return _Executor
 
 
 def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> dict[str, Any]:
@@ -108,9 +118,9 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
     return params
 
 
-def executor(plan: Plan, stage: StagePlan, dependency: str | None) -> submitit.SlurmExecutor:
+def executor(plan: Plan, stage: StagePlan, dependency: str | None) -> "submitit.SlurmExecutor":
     """The submitit executor configured for `stage` (shared by render and submit)."""
-    ex = _Executor(folder=Path(plan.run_dir) / SUBMITIT_DIR / "%j", max_num_timeout=stage.slurm.max_requeues)
+    ex = _executor_class()(folder=Path(plan.run_dir) / SUBMITIT_DIR / "%j", max_num_timeout=stage.slurm.max_requeues)
     ex.update_parameters(**sbatch_parameters(plan, stage, dependency))
     return ex
 
@@ -131,6 +141,8 @@ def submit_stage(plan: Plan, stage: StagePlan, dependency: str | None, fn: Calla
     if not slurm_available():
         raise SlurmError("Slurm is not available on this machine (no sbatch/srun on PATH)",
                          hint="run the graph here with `progressive submit --local`")
+    from submitit.core import utils as submitit_utils
+
     ex = executor(plan, stage, dependency)
     # submitit prints sbatch's stderr itself; we report it once, in our own words.
     with contextlib.redirect_stderr(io.StringIO()):
@@ -285,6 +297,8 @@ def _int(text: str) -> int:
 
 def job_env() -> Mapping[str, Any]:
     """Inside a Slurm job started by submitit: rank, world size and the master host for DDP."""
+    import submitit
+
     env = submitit.JobEnvironment()
     return {
         "job_id": env.job_id,

@@ -1,0 +1,314 @@
+"""`progressive submit|status|resume|logs|cancel|demo`: run the graph and watch it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
+from progressive.cli.render import console
+from progressive.errors import RunError
+
+STATE_STYLE = {
+    "completed": "green", "running": "cyan", "pending": "blue", "blocked": "bold red", "failed": "red",
+    "timeout": "yellow", "cancelled": "magenta", "stopped": "yellow", "unknown": "dim", "not submitted": "dim",
+}
+
+
+def _job_fn() -> Any:
+    from progressive.job import run_stage_job
+
+    return run_stage_job
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the run commands."""
+    p = sub.add_parser("submit", help="submit the stages as Slurm jobs chained by afterok (or run them here with --local)",
+                       description="Submit the selected stages in one go and exit; Slurm runs the chain. "
+                       "The run is recorded under jobs/<run>/.")
+    add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="show what would be submitted (same as plan --dry-run)")
+    p.add_argument("--local", action="store_true", help="run the stages on this machine, one after another")
+    p.set_defaults(handler=cmd_submit)
+
+    runs_help = "run name (default: the most recent run under the jobs folder)"
+    s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
+    s.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
+    _jobs_root_arg(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 10) until every stage is final")
+    s.set_defaults(handler=cmd_status)
+
+    r = sub.add_parser("resume", help="resubmit stages that failed, timed out or were cancelled, from their last checkpoint")
+    r.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
+    _jobs_root_arg(r)
+    r.add_argument("--dry-run", action="store_true", help="show what would be resubmitted")
+    r.set_defaults(handler=cmd_resume)
+
+    lg = sub.add_parser("logs", help="print a stage's job output")
+    lg.add_argument("args", nargs="+", metavar="[RUN] STAGE")
+    _jobs_root_arg(lg)
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+    lg.add_argument("--err", action="store_true", help="the job's stderr instead of stdout")
+    lg.set_defaults(handler=cmd_logs)
+
+    c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
+    c.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
+    _jobs_root_arg(c)
+    c.add_argument("--stages", metavar="A,B,...", help="only these stages")
+    c.set_defaults(handler=cmd_cancel)
+
+    d = sub.add_parser("demo", help="make a tiny dataset and run the tiny curriculum on this machine (minutes)")
+    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: examples/tiny.toml)")
+    d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
+    d.set_defaults(handler=cmd_demo)
+
+
+def _jobs_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
+
+
+# ------------------------------------------------------------------ submit
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Handler of `progressive submit`."""
+    from progressive import orchestrate
+
+    plan = load_plan(args)
+    if args.dry_run:
+        show_plan(plan)
+        show_scripts(plan)
+        return 0
+    config_text = Path(args.config).read_text(encoding="utf-8")
+    rec = orchestrate.submit(plan, config_text, job_fn=_job_fn(), local=args.local)
+    con = console()
+    if args.local:
+        con.print(f"run [bold]{rec.run_name}[/] on this machine; records in {rel(rec.run_dir)}")
+        return _run_local(rec)
+    from rich.table import Table
+
+    t = Table(title=f"run {rec.run_name}: submitted", header_style="bold")
+    for col in ("stage", "job id", "after"):
+        t.add_column(col)
+    for st in plan.stages:
+        sub = rec.stages[st.name].submissions[-1]
+        t.add_row(st.name, sub.job_id, sub.dependency or "-")
+    con.print(t)
+    con.print(f"watch: progressive status {rec.run_name}    logs: progressive logs {rec.run_name} STAGE")
+    return 0
+
+
+def _run_local(rec: Any) -> int:
+    """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from progressive.local import run_local
+
+    con = console()
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=con,
+                  disable=not con.is_terminal) as bar:
+        def on_stage(name: str, event: str, outcome: Any) -> None:
+            st = rec.plan.stage(name)
+            if event == "start":
+                tasks[name] = bar.add_task(name, total=st.total_steps or None, info="")
+            elif event == "completed":
+                ev = getattr(outcome, "eval", None) or {}
+                con.print(f"[green]completed[/] {name} at step {outcome.step}"
+                          + (f"  eval: {_fmt_eval(ev)}" if ev else ""))
+            elif event == "stopped":
+                con.print(f"[yellow]stopped[/] {name} at step {outcome.step}/{outcome.total_steps}; "
+                          f"checkpoint {rel(outcome.checkpoint)}. Continue with: progressive resume {rec.run_name}")
+            elif event == "failed":
+                con.print(f"[red]failed[/] {name}: {outcome}")
+
+        def on_progress(name: str, m: dict[str, Any]) -> None:
+            if name in tasks and "step" in m:
+                bar.update(tasks[name], completed=m["step"], info=f"loss {m.get('loss', float('nan')):.4g}")
+
+        results = run_local(rec, on_progress=on_progress, on_stage=on_stage)
+    if all(v == "completed" for v in results.values()) and len(results) == len(rec.plan.stages):
+        show_results(rec)
+        return 0
+    return 130
+
+
+def _fmt_eval(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items())
+
+
+def show_results(rec: Any) -> None:
+    """The per-stage result table: final loss and the evaluation the task reported."""
+    from rich.table import Table
+
+    from progressive.record import tail_objects
+
+    rows = []
+    keys: list[str] = []
+    for st in rec.plan.stages:
+        done = next((o for o in tail_objects(st.metrics_path) if o.get("event") == "completed"), {})
+        ev = done.get("eval") or {}
+        keys += [k for k in ev if k not in keys]
+        rows.append((st, done, ev))
+    t = Table(title=f"run {rec.run_name}: results", header_style="bold")
+    for col in ["stage", "n", "steps", "final loss", *keys]:
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for st, done, ev in rows:
+        loss = done.get("loss")
+        t.add_row(st.name, str(st.bucket), str(done.get("step", "-")), f"{loss:.4g}" if isinstance(loss, float) else "-",
+                  *[f"{ev[k]:.4g}" if isinstance(ev.get(k), float) else str(ev.get(k, "-")) for k in keys])
+    console().print(t)
+
+
+# ------------------------------------------------------------------ status
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Handler of `progressive status`."""
+    from progressive import orchestrate
+
+    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    while True:
+        statuses = orchestrate.stage_statuses(rec)
+        if args.json:
+            print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
+        else:
+            _show_status(rec, statuses)
+        if not args.watch or all(s.state not in ("pending", "running", "suspended") for s in statuses):
+            return 0
+        time.sleep(args.watch)
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _show_status(rec: Any, statuses: list[Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {rec.run_name} ({rec.mode})", header_style="bold")
+    for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
+        t.add_column(col)
+    for s in statuses:
+        style = STATE_STYLE.get(s.state, "")
+        progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
+        ckpt = s.final_checkpoint or s.checkpoint
+        t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
+                  str(s.epoch) if s.epoch is not None else "-", f"{s.loss:.4g}" if s.loss is not None else "-",
+                  s.elapsed or "-", _fmt_s(s.eta_s), rel(ckpt) if ckpt else "-")
+    con = console()
+    con.print(t)
+    for s in statuses:
+        if s.state == "blocked":
+            con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
+        elif s.fix and s.state != "not submitted":
+            con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
+                      f"Continue with: [bold]{s.fix}[/]")
+
+
+# ------------------------------------------------------------------ resume, cancel, logs
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Handler of `progressive resume`."""
+    from progressive import orchestrate
+
+    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    if rec.mode == "local":
+        if args.dry_run:
+            for a in orchestrate.plan_resume(rec):
+                console().print(f"{a.stage}: {'skip (completed)' if a.action.startswith('skip') else 'run locally'}")
+            return 0
+        return _run_local(rec)
+    actions = orchestrate.resume(rec, job_fn=_job_fn(), dry_run=args.dry_run)
+    from rich.table import Table
+
+    t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
+    for col in ("stage", "action", "old job", "new job", "after", "from checkpoint"):
+        t.add_column(col)
+    for a in actions:
+        t.add_row(a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
+                  rel(a.from_checkpoint) if a.from_checkpoint else "-")
+    console().print(t)
+    if not any(a.action.endswith("submit") for a in actions):
+        console().print("nothing to resubmit: every stage is complete or live")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Handler of `progressive cancel`."""
+    from progressive import orchestrate
+    from progressive.cli.plan_cmds import split_stages
+
+    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    ids = orchestrate.cancel(rec, split_stages(args.stages))
+    console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
+                    f"continue later with: progressive resume {rec.run_name}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Handler of `progressive logs [RUN] STAGE`."""
+    from progressive import orchestrate
+
+    if len(args.args) > 2:
+        raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
+    run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
+    rec = orchestrate.find_run(Path(args.jobs), run)
+    files = orchestrate.log_files(rec, stage)
+    paths = files.stderr if args.err else files.stdout
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        raise RunError(f"stage {stage!r} has no {'stderr' if args.err else 'output'} yet", loc=str(rec.run_dir),
+                       hint=f"check `progressive status {rec.run_name}`: the job may still be pending")
+    import sys
+
+    for p in existing[:-1]:
+        sys.stdout.write(p.read_text(errors="replace"))
+    last = existing[-1]
+    with last.open("r", errors="replace") as f:
+        sys.stdout.write(f.read())
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(1)
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Handler of `progressive demo`: tiny data, tiny curriculum, locally, then the result table."""
+    from progressive import orchestrate
+    from progressive.cli.plan_cmds import data_counts
+    from progressive.config import load_config
+    from progressive.data.generate import generate_dataset
+    from progressive.plan import build_plan
+
+    config = Path(args.config) if args.config else Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
+    cfg = load_config(config)
+    con = console()
+    data = (config.parent / cfg.run.data).resolve()
+    buckets = sorted({st.bucket for st in cfg.stage})
+    if not data.is_file():
+        con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
+        generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
+    plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
+    existing = Path(plan.run_dir) / "run.json"
+    if existing.is_file():
+        rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name)
+        con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
+    else:
+        show_plan(plan)
+        rec = orchestrate.submit(plan, config.read_text(encoding="utf-8"), job_fn=_job_fn(), local=True)
+    return _run_local(rec)

@@ -1,0 +1,118 @@
+"""What runs inside a stage's Slurm job: signals, DDP set-up, the trainer, the requeue.
+
+submitit starts `run_stage_job(run_dir, stage)` on every task of the allocation. We
+replace submitit's own signal handlers (they checkpoint from inside the handler, in
+the middle of an optimizer step) with a flag the trainer polls after each step: on
+the pre-timeout signal the trainer finishes its step, rank 0 saves a checkpoint, and
+rank 0 requeues the job under the same id, so the `afterok` chain holds. A restarted
+job finds that checkpoint and continues from exactly that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from progressive import record
+
+log = logging.getLogger("progressive.job")
+
+
+class StopFlag:
+    """Remembers the first stop signal; the trainer polls it after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        """Signal handler: only set the flag (saving here would tear the step in flight)."""
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: will checkpoint after the current optimizer step", signal.Signals(signum).name)
+
+    def install(self, *signums: int) -> None:
+        """Route these signals to the flag."""
+        for s in signums:
+            signal.signal(s, self.handler)
+
+
+def signal_number(name: str) -> int:
+    """signal.SIGUSR2 for "USR2"."""
+    return int(getattr(signal, f"SIG{name}"))
+
+
+def _ddp_env(env: dict[str, Any]) -> None:
+    """Export torch.distributed's variables from Slurm's view of the allocation."""
+    if env["num_tasks"] <= 1:
+        return
+    os.environ.update({
+        "RANK": str(env["global_rank"]),
+        "LOCAL_RANK": str(env["local_rank"]),
+        "WORLD_SIZE": str(env["num_tasks"]),
+        "MASTER_ADDR": env["hostnames"][0],
+        # One port per job, stable across requeues of that job.
+        "MASTER_PORT": str(20000 + int(str(env["job_id"]).split("_")[0]) % 20000),
+    })
+
+
+def _wait_to_be_killed(seconds: float) -> None:
+    """After `scontrol requeue` (or with no requeue left) Slurm ends this process; don't end it ourselves.
+
+    Exiting first could let the step finish as COMPLETED, which would start the dependents early.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    sys.exit(1)
+
+
+def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
+    """Entry point of every task of a stage job (pickled by submitit at submit time)."""
+    from progressive import slurm
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rec = record.load(run_dir)
+    plan = rec.plan
+    stage = plan.stage(stage_name)
+    env = dict(slurm.job_env())
+    _ddp_env(env)
+    timeout_sig = signal_number(stage.slurm.signal)
+    flag = StopFlag()
+    # SIGTERM: cancel or preemption; checkpoint too, but it is not a time-out.
+    flag.install(timeout_sig, signal.SIGTERM)
+    rank = env["global_rank"]
+    log.info("stage %s, job %s, task %d/%d on %s", stage.name, env["job_id"], rank, env["num_tasks"], env["hostnames"])
+
+    from progressive.trainer import train_stage
+
+    outcome = train_stage(plan, stage, stop_requested=flag)
+    if outcome.status == "completed":
+        log.info("stage %s completed at step %d", stage.name, outcome.step)
+        return {"stage": stage.name, "status": "completed", "step": outcome.step}
+
+    log.info("stage %s stopped at step %d/%d, checkpoint %s", stage.name, outcome.step, outcome.total_steps, outcome.checkpoint)
+    if rank != 0:
+        _wait_to_be_killed(300)
+    if flag.signum != timeout_sig:
+        # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
+        sys.exit(1)
+    stage_dir = rec.stage_dir(stage.name)
+    used = record.requeue_count(stage_dir)
+    if used < stage.slurm.max_requeues:
+        record.set_requeue_count(stage_dir, used + 1)
+        log.info("requeueing job %s (time-out requeue %d of %d)", env["job_id"], used + 1, stage.slurm.max_requeues)
+        slurm.requeue(str(env["job_id"]).split("_")[0])
+    else:
+        log.warning("requeues used up (%d): the job ends as TIMEOUT; continue with `progressive resume %s`",
+                    used, plan.run_name)
+    _wait_to_be_killed(stage.slurm.signal_delay + 300)
+    return {}  # not reached
+
