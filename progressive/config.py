@@ -300,7 +300,8 @@ class GraphConfig(_Strict):
         cycle = find_cycle(parents(self))
         if cycle:
             i = [s.name for s in self.stage].index(cycle[0])
-            raise _GraphIssue(i, "init_from", "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]]),
+            steps = ", ".join(f"{c} starts from {cycle[(k + 1) % len(cycle)]}" for k, c in enumerate(cycle))
+            raise _GraphIssue(i, "init_from", f"the stages form a cycle: {steps}",
                               "init_from must point to a stage that does not (indirectly) start from this one")
         return self
 

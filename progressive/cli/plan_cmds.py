@@ -173,5 +173,6 @@ def show_scripts(plan: Plan) -> None:
     con = console()
     for st in plan.stages:
         con.print(Rule(f"sbatch script: {st.name}"))
-        con.print(render_script(plan, st), markup=False, highlight=False)
+        # soft_wrap: the script is shown exactly, never re-wrapped to the terminal width.
+        con.print(render_script(plan, st), markup=False, highlight=False, soft_wrap=True)
     con.print("[dim]dry run: nothing written, nothing submitted[/]")
