@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from progressive.data.format import DEFAULT_COMPRESSION, SPLITS, DatasetWriter, Sample, matrix_hash, sample_problem
+from progressive.data.format import DEFAULT_COMPRESSION, SPLITS, Sample, matrix_hash, sample_problem
+from progressive.data.ops import DatasetWriter, assign_splits, check_split
 from progressive.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ DEFAULT_COUNTS = (1200, 900, 480, 144, 88, 30)
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 # Part of every sample's seed, so two families with one seed differ. Never renumber.
 _FAMILY_CODE = {"poisson": 1, "aniso": 2, "graph": 3, "mix": 4}
-_SPLIT_STREAM = 7919  # seeds the split assignment, apart from every family code
 
 Chunk = list[tuple[int, str, Sample, str]]  # (j, family drawn, sample, hash)
 
@@ -175,33 +175,6 @@ def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
 def _worker_init() -> None:
     # Ctrl-C reaches the whole process group; the parent alone cleans up and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def split_counts(total: int, fractions: Sequence[float]) -> tuple[int, ...]:
-    """Split `total` by `fractions` (largest remainder): the counts sum to `total` exactly."""
-    raw = [total * f for f in fractions]
-    counts = [math.floor(x) for x in raw]
-    for i in sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))[: total - sum(counts)]:
-        counts[i] += 1
-    return tuple(counts)
-
-
-def assign_splits(total: int, fractions: Sequence[float], seed: int, n: int) -> "np.ndarray":
-    """The split (0 train, 1 val, 2 test) of each of `total` samples of bucket `n`, by seed."""
-    import numpy as np
-
-    counts = split_counts(total, fractions)
-    labels = np.repeat(np.arange(len(counts), dtype=np.int8), counts)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM, n]))
-    return labels[rng.permutation(total)]
-
-
-def check_split(fractions: Sequence[float]) -> tuple[float, float, float]:
-    """Validate train/val/test fractions (three, non-negative, summing to 1)."""
-    if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(f"split fractions {','.join(map(str, fractions))} are not three non-negative numbers summing to 1",
-                        loc="--split", hint="e.g. --split 0.8,0.1,0.1 (train,val,test)")
-    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
 
 
 def _tasks(family: str, sizes: Sequence[int], counts: Sequence[int], seed: int, rhs: int) -> Iterator[tuple[str, int, int, int, int, int]]:

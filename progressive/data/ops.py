@@ -1,31 +1,278 @@
-"""Whole-file operations: inspect (and verify), subset, merge, re-split.
+"""Writing datasets: the atomic `DatasetWriter`, split assignment, and whole-file operations
+(inspect and verify, subset, merge, re-split).
 
-Each reads sample blocks through `BucketReader`, and each output goes through `DatasetWriter`
-(temp file, fsync, rename, sidecar), which checks every sample it writes.
+Every output goes through `DatasetWriter` (temp file in the target folder, fsync, rename, then the
+sidecar index), which checks every sample it writes; inputs are read through `BucketReader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from progressive.data.format import (
+    COMPRESSIONS,
     DEFAULT_COMPRESSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
     SPLITS,
-    DatasetWriter,
+    Sample,
     buckets_in,
+    index_path,
     iter_samples,
+    matrix_hash,
     open_bucket,
     open_h5,
     read_attrs,
     sample_problem,
+    write_sidecar,
 )
-from progressive.data.generate import assign_splits, check_split, split_counts
 from progressive.errors import DataError
 
+if TYPE_CHECKING:
+    import h5py
+    import numpy as np
+
+# ~256 KiB chunks: small enough that a random read of one sample decompresses little extra,
+# large enough that sequential reads are not dominated by per-chunk overhead (see the docs).
+_CHUNK_BYTES = 256 * 1024
+_FLUSH_BYTES = 64 * 1024 * 1024  # the writer buffers this much per group before appending
+_SPLIT_STREAM = 7919  # seeds the split assignment, apart from generate's family codes
+
 Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- writing
+
+def _filter_kwargs(compression: str) -> dict[str, Any]:
+    if compression == "blosc-lz4" or compression == "blosc-zstd":
+        import hdf5plugin
+
+        cname = compression.split("-")[1]
+        return dict(hdf5plugin.Blosc(cname=cname, clevel=5 if cname == "lz4" else 3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "none":
+        return {}
+    raise DataError(f"unknown compression {compression!r}", hint=f"use one of {', '.join(COMPRESSIONS)}")
+
+
+class DatasetWriter:
+    """Writes a dataset file atomically: a temp file in the target folder, fsync, rename, then the sidecar.
+
+    Use as a context manager; an exception (Ctrl-C included) deletes the temp file, so a target
+    is never left half-written::
+
+        with DatasetWriter("data/m.h5", attrs={"generator": ..., "family": ..., "seed": 0}) as w:
+            w.add(n, "train", indptr, indices, data, rhs)
+
+    `add` checks every sample (`sample_problem`, full) unless `verify=False` (the caller already did).
+    `checksum` adds HDF5's Fletcher-32 checksum to every chunk of the matrix arrays.
+    """
+
+    def __init__(self, path: str | Path, *, attrs: Mapping[str, Any], overwrite: bool = False,
+                 compression: str = DEFAULT_COMPRESSION, verify: bool = True, checksum: bool = True) -> None:
+        import h5py
+
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise DataError("output file already exists", loc=str(self.path),
+                            hint="choose another -o path, or pass --force to replace it")
+        if not self.path.parent.is_dir():
+            raise DataError("output folder does not exist", loc=str(self.path.parent), hint="create it first")
+        _filter_kwargs(compression)  # fail before creating anything
+        self.compression, self.verify, self.checksum = compression, verify, checksum
+        self.attrs = dict(attrs)
+        self.tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self._f = h5py.File(self.tmp, "w")
+        self._buf: dict[tuple[int, str], list[Sample]] = {}
+        self._buf_bytes: dict[tuple[int, str], int] = {}
+        self._hashes: dict[tuple[int, str], list[str]] = {}
+        self.counts: dict[int, dict[str, int]] = {}
+        self._done = False
+
+    def add(self, n: int, split: str, indptr: "np.ndarray", indices: "np.ndarray", data: "np.ndarray",
+            rhs: "np.ndarray", *, digest: str | None = None) -> str:
+        """Append one sample to bucket `n`, split `split`; returns its content hash."""
+        import numpy as np
+
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
+        rhs = np.asarray(rhs, dtype=np.float32)
+        s = Sample(int(n), np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
+                   np.asarray(data, dtype=np.float32), rhs.reshape(1, -1) if rhs.ndim == 1 else rhs)
+        if self.verify:
+            problem = sample_problem(s)
+            if problem:
+                key = (s.n, split)
+                raise DataError(problem, loc=f"{self.path}:{n}/{split}[{len(self._hashes.get(key, []))}]",
+                                hint="fix the generator or the source data; nothing was written")
+        key = (s.n, split)
+        self._buf.setdefault(key, []).append(s)
+        self._buf_bytes[key] = self._buf_bytes.get(key, 0) + s.data.nbytes * 2 + s.rhs.nbytes + s.indptr.nbytes
+        digest = digest or matrix_hash(s.n, s.indptr, s.indices, s.data)
+        self._hashes.setdefault(key, []).append(digest)
+        self.counts.setdefault(s.n, dict.fromkeys(SPLITS, 0))[split] += 1
+        if self._buf_bytes[key] >= _FLUSH_BYTES:
+            self._flush(key)
+        return digest
+
+    def _create(self, n: int, split: str, k: int) -> "h5py.Group":
+        import numpy as np
+
+        g = self._f.require_group(f"buckets/{n}/{split}")
+        g.attrs["n"] = n
+        g.attrs["count"] = 0
+        row = lambda per: max(1, _CHUNK_BYTES // per)  # noqa: E731  (rows of `per` bytes per chunk)
+        g.create_dataset("nnz_offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(1024,))
+        kw = _filter_kwargs(self.compression)
+        # Fletcher-32 per chunk: a flipped bit on disk fails the read loudly instead of feeding the
+        # model garbage that may still be finite (measured cost: see docs/data-format.md).
+        kw["fletcher32"] = self.checksum
+        g.create_dataset("indptr", (0, n + 1), np.int32, maxshape=(None, n + 1), chunks=(row(4 * (n + 1)), n + 1), **kw)
+        g.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(_CHUNK_BYTES // 4,), **kw)
+        g.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(_CHUNK_BYTES // 4,), **kw)
+        g.create_dataset("rhs", (0, k, n), np.float32, maxshape=(None, k, n), chunks=(row(4 * k * n), k, n), **kw)
+        g.create_dataset("hash", (0,), "S32", maxshape=(None,), chunks=(256,))
+        return g
+
+    def _flush(self, key: tuple[int, str]) -> None:
+        import numpy as np
+
+        samples = self._buf.pop(key, [])
+        self._buf_bytes[key] = 0
+        if not samples:
+            return
+        n, split = key
+        k = samples[0].rhs.shape[0]
+        if any(s.rhs.shape[0] != k for s in samples):
+            raise DataError(f"bucket {n}/{split}: samples have different numbers of right-hand sides",
+                            loc=str(self.path), hint="give every sample of a bucket the same number of rhs")
+        name = f"buckets/{n}/{split}"
+        g = self._f[name] if name in self._f else self._create(n, split, k)
+        if g["rhs"].shape[1] != k:
+            raise DataError(f"bucket {n}/{split}: {k} right-hand sides per sample, but earlier samples have "
+                            f"{g['rhs'].shape[1]}", loc=str(self.path), hint="use one rhs count per bucket")
+        m0, nnz0 = g["indptr"].shape[0], g["data"].shape[0]
+        m, nnz = len(samples), sum(len(s.data) for s in samples)
+        offs = nnz0 + np.cumsum([len(s.data) for s in samples], dtype=np.int64)
+        for ds, new_len in (("indptr", m0 + m), ("rhs", m0 + m), ("hash", m0 + m), ("nnz_offsets", m0 + m + 1),
+                            ("indices", nnz0 + nnz), ("data", nnz0 + nnz)):
+            g[ds].resize(new_len, axis=0)
+        g["nnz_offsets"][m0 + 1:] = offs
+        g["indptr"][m0:] = np.stack([s.indptr for s in samples]).astype(np.int32)
+        g["rhs"][m0:] = np.stack([s.rhs for s in samples])
+        g["indices"][nnz0:] = np.concatenate([s.indices for s in samples]).astype(np.int32)
+        g["data"][nnz0:] = np.concatenate([s.data for s in samples])
+        hashes = self._hashes[key]
+        g["hash"][m0:] = np.array(hashes[m0:m0 + m], dtype="S32")
+        g.attrs["count"] = m0 + m
+
+    def commit(self) -> Path:
+        """Flush, write the provenance, fsync, rename over the target, write the sidecar."""
+        import numpy as np
+
+        if self._done:
+            return self.path
+        for key in list(self._buf):
+            self._flush(key)
+        # Every bucket gets all three splits (maybe empty), so readers never special-case a missing one.
+        ks = {n: self._f[f"buckets/{n}/{s}/rhs"].shape[1] for (n, s) in self._hashes}
+        for n in self.counts:
+            for split in SPLITS:
+                if f"buckets/{n}/{split}" not in self._f:
+                    self._create(n, split, ks[n])
+        attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.attrs}
+        for key, value in attrs.items():
+            if isinstance(value, (list, tuple, dict)):
+                value = json.dumps(value)
+            self._f.attrs[key] = value if not isinstance(value, np.generic) else value.item()
+        self._f.attrs["format"] = FORMAT_NAME
+        self._f.attrs["format_version"] = FORMAT_VERSION
+        self._f.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        index_path(self.path).unlink(missing_ok=True)  # never leave a sidecar describing the old file
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        write_sidecar(self.path, self.counts)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse directory fsync; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+
+# --------------------------------------------------------------------------- splits
+
+def split_counts(total: int, fractions: Sequence[float]) -> tuple[int, ...]:
+    """Split `total` by `fractions` (largest remainder): the counts sum to `total` exactly."""
+    raw = [total * f for f in fractions]
+    counts = [math.floor(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))[: total - sum(counts)]:
+        counts[i] += 1
+    return tuple(counts)
+
+
+def assign_splits(total: int, fractions: Sequence[float], seed: int, n: int) -> "np.ndarray":
+    """The split (0 train, 1 val, 2 test) of each of `total` samples of bucket `n`, by seed."""
+    import numpy as np
+
+    counts = split_counts(total, fractions)
+    labels = np.repeat(np.arange(len(counts), dtype=np.int8), counts)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM, n]))
+    return labels[rng.permutation(total)]
+
+
+def check_split(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Validate train/val/test fractions (three, non-negative, summing to 1)."""
+    if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise DataError(f"split fractions {','.join(map(str, fractions))} are not three non-negative numbers summing to 1",
+                        loc="--split", hint="e.g. --split 0.8,0.1,0.1 (train,val,test)")
+    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+
+
+
+# --------------------------------------------------------------------------- whole-file operations
+
 
 
 @dataclasses.dataclass
