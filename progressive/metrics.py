@@ -1,0 +1,102 @@
+"""The per-stage metrics stream: JSON lines appended to `StagePlan.metrics_path` (and TensorBoard if asked).
+
+One line per logged optimizer step (`"event": "step"`), plus `start`, `checkpoint`,
+`stopped` and `completed` events. The file is opened in append mode so a requeued job
+continues it; `status` reads its last lines. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+__all__ = ["MetricsWriter", "peak_memory_mb", "read_metrics"]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write null rather than an invalid line that breaks every reader.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Appends events to a JSONL file, mirrors scalars to TensorBoard, and forwards them to a callback."""
+
+    def __init__(self, path: str | Path | None, *, tensorboard_dir: str | Path | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._fh: TextIO | None = None
+        self._tb: Any = None
+        self.on_event = on_event
+        self.notes: list[str] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.notes.append("tensorboard = true but the tensorboard package is not installed; "
+                                  "logging to the JSONL file only (pip install tensorboard)")
+            else:
+                self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def write(self, event: dict[str, Any], *, file: bool = True) -> None:
+        """Record one event: a JSON line (if `file`), TensorBoard scalars for steps, then the callback."""
+        event = _clean(event)
+        if file and self._fh is not None:
+            self._fh.write(json.dumps(event, sort_keys=False) + "\n")
+            self._fh.flush()  # status reads the file while we train: no half-buffered lines
+        if self._tb is not None and event.get("event") == "step":
+            for key in ("loss", "lr", "grad_norm", "samples_per_s", "peak_mem_mb"):
+                if isinstance(event.get(key), (int, float)):
+                    self._tb.add_scalar(f"train/{key}", event[key], event["step"])
+        if self._tb is not None and event.get("event") == "completed":
+            for key, val in (event.get("eval") or {}).items():
+                if isinstance(val, (int, float)):
+                    self._tb.add_scalar(f"eval/{key}", val, event["step"])
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def close(self) -> None:
+        """Flush and close the file and TensorBoard writer."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All events of a metrics file (a torn last line, from a kill mid-write, is skipped)."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
