@@ -19,6 +19,7 @@ from tests.test_trainer_support import (
     final_weights,
     make_data,
     make_plan,
+    one_thread,  # noqa: F401  (autouse fixture)
     stage_toml,
 )
 
@@ -35,9 +36,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """Final weights of the stage run without interruption."""
+    """Final weights of the stage run without interruption (one thread, like the tests it is compared to)."""
     plan = make_plan(tmp_path_factory.mktemp("ref"), data, STAGE, train=TRAIN)
-    out = train_stage(plan, plan.stages[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = train_stage(plan, plan.stages[0])
+    finally:
+        torch.set_num_threads(before)
     assert out.status == "completed" and out.step == out.total_steps == 9
     return final_weights(out.checkpoint)
 

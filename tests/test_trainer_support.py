@@ -7,8 +7,9 @@ Real objects only: datasets come from the data module's generator, plans from
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
+import pytest
 import torch
 
 from progressive.config import parse_config
@@ -16,6 +17,18 @@ from progressive.data.format import bucket_counts
 from progressive.data.generate import generate
 from progressive.plan import Plan, build_plan
 from progressive.tasks.precond import PreconditionerTask
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run the test with one intra-op thread (import it into a test module to apply it there)."""
+    # Tiny matrices gain nothing from intra-op threads, and on a shared 2-core box OpenMP spinning
+    # made steps 5-20x slower in a measurement.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY_MODEL = "hidden = 8\nlayers = 2\nsketch = 4"
 

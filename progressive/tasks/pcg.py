@@ -28,6 +28,7 @@ class SolveResult:
     converged: bool
     relres: float  # final ||r|| / ||b|| (recurrence residual)
     seconds: float  # wall time of the iterations (preconditioner setup excluded)
+    x: np.ndarray | None = None  # the approximate solution
 
 
 def pcg(A: sp.spmatrix | sp.sparray, b: np.ndarray, apply_m: Apply | None = None, *, rtol: float = 1e-6,
@@ -47,7 +48,7 @@ def pcg(A: sp.spmatrix | sp.sparray, b: np.ndarray, apply_m: Apply | None = None
     b = np.asarray(b, dtype=np.float64)
     bnorm = float(np.linalg.norm(b))
     if bnorm == 0.0:
-        return SolveResult(0, True, 0.0, 0.0)
+        return SolveResult(0, True, 0.0, 0.0, np.zeros_like(b))
     x = np.zeros_like(b)
     r = b.copy()
     z = apply_m(r) if apply_m else r
@@ -61,12 +62,12 @@ def pcg(A: sp.spmatrix | sp.sparray, b: np.ndarray, apply_m: Apply | None = None
         r -= alpha * ap
         relres = float(np.linalg.norm(r)) / bnorm
         if relres <= rtol:
-            return SolveResult(k, True, relres, time.perf_counter() - start)
+            return SolveResult(k, True, relres, time.perf_counter() - start, x)
         z = apply_m(r) if apply_m else r
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return SolveResult(maxiter, False, relres, time.perf_counter() - start)
+    return SolveResult(maxiter, False, relres, time.perf_counter() - start, x)
 
 
 def jacobi(A: sp.spmatrix | sp.sparray) -> Apply:
