@@ -1,0 +1,117 @@
+"""DDP on CPU: 2 gloo processes train, agree on the step they stop at, resume, and end bitwise identical.
+
+Each rank is a real subprocess with the environment torchrun or the Slurm job wrapper sets
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); it runs this file as a script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_trainer_support import (
+    RECORDING,
+    RecordingTask,
+    StopAfter,
+    assert_same_weights,
+    final_weights,
+    make_data,
+    make_plan,
+    stage_toml,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# 19 matrices over 2 ranks: 10 per rank, micro-batches of 2, 2 per step -> 3 steps per epoch (2, 2, 1).
+STAGE = stage_toml("d", bucket=16, batch_size=2, epochs=2)
+TRAIN = 'grad_accum = 2\ncheckpoint_every = "30m"\neval_samples = 1\nwarmup_frac = 0.2'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(folder: Path, data: Path, run: str, stop: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Run the stage with 2 ranks; `stop` = (rank, poll): that rank alone asks to stop at that poll."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo",
+               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        args = [sys.executable, "-m", "tests.test_trainer_ddp", str(folder), str(data), run,
+                json.dumps(list(stop) if stop else None)]
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"rank {rank} failed:\n{err[-3000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def rank_weights(folder: Path, run: str, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(folder / f"{run}.rank{rank}.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stop_together_resume_and_match(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "m.h5")
+
+    # Uninterrupted reference.
+    ref = launch(tmp_path, data, "ref")
+    assert [(r["status"], r["step"], r["total"]) for r in ref] == [("completed", 6, 6)] * 2
+    ref_final = final_weights(ref[0]["checkpoint"])
+    assert_same_weights(rank_weights(tmp_path, "ref", 0), ref_final)
+    assert_same_weights(rank_weights(tmp_path, "ref", 1), ref_final)
+
+    # Rank 1 alone asks to stop after step 2 (mid-epoch): both ranks stop there, rank 0 saves.
+    first = launch(tmp_path, data, "cut", stop=(1, 2))
+    assert [(r["status"], r["step"]) for r in first] == [("stopped", 2)] * 2
+    assert first[0]["checkpoint"] == first[1]["checkpoint"] and first[0]["checkpoint"].endswith("step_00000002.pt")
+    assert first[0]["polls"] == 2  # rank 0 never asked: it learned of the stop through the all-reduce
+    # Then rank 0 asks after one more step (the end of epoch 0), then the stage completes.
+    second = launch(tmp_path, data, "cut", stop=(0, 1))
+    assert [(r["status"], r["step"]) for r in second] == [("stopped", 3)] * 2
+    last = launch(tmp_path, data, "cut")
+    assert [(r["status"], r["step"]) for r in last] == [("completed", 6)] * 2
+
+    assert_same_weights(final_weights(last[0]["checkpoint"]), ref_final)
+    assert_same_weights(rank_weights(tmp_path, "cut", 0), ref_final)
+    assert_same_weights(rank_weights(tmp_path, "cut", 1), ref_final)
+    # Only rank 0 wrote metrics, and no step was done twice.
+    events = [json.loads(line) for line in Path(last[0]["metrics"]).read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert all(e["world_size"] == 2 for e in events if e["event"] == "start")
+
+
+def _rank_main(folder: str, data: str, run: str, stop_json: str) -> None:
+    """One rank of `launch`: train the stage, print the outcome as JSON, save this rank's weights."""
+    from progressive.trainer import train_stage
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    stop = json.loads(stop_json)
+    plan = make_plan(Path(folder), Path(data), STAGE, train=TRAIN, slurm="tasks_per_node = 2", task=RECORDING,
+                     run_name=run)
+    stage = plan.stages[0]
+    poller = StopAfter(stop[1] if stop and stop[0] == rank else 10**9)
+    RecordingTask.reset()
+    out = train_stage(plan, stage, stop_requested=poller)
+    assert RecordingTask.model is not None
+    torch.save(RecordingTask.model.state_dict(), Path(folder) / f"{run}.rank{rank}.pt")
+    print(json.dumps({"status": out.status, "step": out.step, "total": out.total_steps, "checkpoint": out.checkpoint,
+                      "polls": poller.calls, "metrics": stage.metrics_path}))
+
+
+if __name__ == "__main__":
+    _rank_main(*sys.argv[1:5])
