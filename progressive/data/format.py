@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -199,16 +200,18 @@ class BucketReader:
     """Reads the samples of one bucket (matrix size n) and split of a dataset file.
 
     Opening reads the group's small index (`nnz_offsets`, one int64 per sample), never the
-    matrices. Hold one reader per process: h5py handles must not cross a fork.
+    matrices. Hold one reader per process: h5py handles must not cross a fork. `cache_bytes` is
+    HDF5's chunk cache per dataset: it serves neighbouring samples of a chunk to `read`; whole-bucket
+    loads are ~5% faster with 0 (chunks then go straight to the output array).
     """
 
-    def __init__(self, path: str | Path, bucket: int, split: str) -> None:
+    def __init__(self, path: str | Path, bucket: int, split: str, *, cache_bytes: int = 4 * 1024 * 1024) -> None:
         import numpy as np
 
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}", loc=str(path), hint=f"use one of {', '.join(SPLITS)}")
         self.path, self.bucket, self.split = Path(path), int(bucket), split
-        self._f = open_h5(self.path, filters=True)
+        self._f = open_h5(self.path, filters=True, rdcc_nbytes=cache_bytes)
         try:
             present = buckets_in(self._f)
             if self.bucket not in present:
@@ -266,24 +269,26 @@ class BucketReader:
             raise DataError(problem, loc=self.loc(i), hint=VERIFY_HINT)
         return sample
 
-    def read_block(self, start: int = 0, stop: int | None = None) -> tuple["np.ndarray", ...]:
-        """Samples [start, stop) as whole arrays: (nnz_offsets rebased to 0, indptr (m, n+1) int64,
-        indices int64, data float32, rhs (m, k, n) float32). Four reads: the fast way to load a bucket."""
-        import numpy as np
+    def read_block(self, start: int = 0, stop: int | None = None, *, check: bool = True) -> tuple["np.ndarray", ...]:
+        """Samples [start, stop) as whole arrays, in their stored dtypes: (nnz_offsets rebased to 0
+        (int64), indptr (m, n+1) int32, indices int32, data float32, rhs (m, k, n) float32).
 
+        Four bulk reads: the fast way to load a bucket. `check` runs the cheap checks on the block
+        (vectorised; about a third of the read time) and raises DataError if they fail.
+        """
         stop = self.count if stop is None else min(stop, self.count)
         a, b = int(self.nnz_offsets[start]), int(self.nnz_offsets[stop])
         ds = self._ds
         try:
             offs = self.nnz_offsets[start:stop + 1] - a
-            indptr = ds["indptr"][start:stop].astype(np.int64)
-            indices = ds["indices"][a:b].astype(np.int64)
+            indptr = ds["indptr"][start:stop]
+            indices = ds["indices"][a:b]
             data = ds["data"][a:b]
             rhs = ds["rhs"][start:stop]
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read samples {start}..{stop - 1}: {_h5_reason(exc)}", loc=self.loc(),
                             hint="the file is corrupt; re-create or copy it again") from None
-        problem = _block_problem(self.n, offs, indptr, indices, data, rhs)
+        problem = _block_problem(self.n, offs, indptr, indices, data, rhs) if check else None
         if problem:
             raise DataError(problem, loc=self.loc(), hint=VERIFY_HINT)
         return offs, indptr, indices, data, rhs
@@ -303,9 +308,9 @@ class BucketReader:
         self.close()
 
 
-def open_bucket(path: str | Path, bucket: int, split: str) -> BucketReader:
+def open_bucket(path: str | Path, bucket: int, split: str, *, cache_bytes: int = 4 * 1024 * 1024) -> BucketReader:
     """Open one bucket and split for reading: `open_bucket(p, 1024, "train").read(i)`."""
-    return BucketReader(path, bucket, split)
+    return BucketReader(path, bucket, split, cache_bytes=cache_bytes)
 
 
 def iter_samples(reader: BucketReader, block: int = 256) -> Iterator[Sample]:
@@ -313,8 +318,16 @@ def iter_samples(reader: BucketReader, block: int = 256) -> Iterator[Sample]:
     for start in range(0, reader.count, block):
         offs, indptr, indices, data, rhs = reader.read_block(start, start + block)
         for j in range(len(offs) - 1):
-            a, b = offs[j], offs[j + 1]
-            yield Sample(reader.n, indptr[j], indices[a:b], data[a:b], rhs[j])
+            yield block_sample(reader.n, offs, indptr, indices, data, rhs, j)
+
+
+def block_sample(n: int, offs: "np.ndarray", indptr: "np.ndarray", indices: "np.ndarray", data: "np.ndarray",
+                 rhs: "np.ndarray", j: int) -> Sample:
+    """Sample `j` of a `read_block` result, with the int64 index arrays `Sample` promises."""
+    import numpy as np
+
+    a, b = offs[j], offs[j + 1]
+    return Sample(n, indptr[j].astype(np.int64), indices[a:b].astype(np.int64), data[a:b], rhs[j])
 
 
 # --------------------------------------------------------------------------- checks
@@ -353,17 +366,20 @@ def sample_problem(s: Sample, *, full: bool = True, sym_rtol: float = 1e-6) -> s
     same_row = rows[1:] == rows[:-1]
     if np.any(step[same_row] <= 0):
         return "column indices are not sorted and unique within each row"
-    import scipy.sparse as sp
-
-    a = sp.csr_matrix((data, indices, indptr), shape=(n, n))
+    # Symmetry without scipy: sort the entries by (column, row); for a symmetric matrix that is
+    # the original (row, column) order again, with equal values.
+    keys = rows * n + indices  # ascending, since the rows are sorted and unique
+    order = np.argsort(indices * n + rows, kind="stable")
+    if not np.array_equal((indices * n + rows)[order], keys):
+        return "matrix is not symmetric (its sparsity pattern is not)"
     scale = float(np.abs(data).max()) if nnz else 0.0
-    diff = abs(a - a.T)
-    asym = float(diff.max()) if diff.nnz else 0.0
+    asym = float(np.abs(data[order] - data).max()) if nnz else 0.0
     if asym > sym_rtol * scale:
         return f"matrix is not symmetric (max |A - A^T| = {asym:.3g}, max |A| = {scale:.3g})"
-    diag = a.diagonal()
-    if np.any(diag <= 0):
-        return f"diagonal is not positive at {np.count_nonzero(diag <= 0)} row(s) (an SPD matrix needs a positive diagonal)"
+    on_diag = rows == indices
+    positive = np.count_nonzero(data[on_diag] > 0)
+    if positive != n:
+        return f"diagonal is not positive at {n - positive} row(s) (an SPD matrix needs a positive diagonal)"
     return None
 
 
@@ -373,13 +389,14 @@ def _block_problem(n: int, offs: "np.ndarray", indptr: "np.ndarray", indices: "n
     import numpy as np
 
     if len(indptr) and (np.any(indptr[:, 0] != 0) or np.any(indptr[:, -1] != np.diff(offs))
-                        or np.any(np.diff(indptr, axis=1) < 0)):
+                        or np.any(indptr[:, 1:] < indptr[:, :-1])):
         return "broken CSR structure (indptr does not match indices/data)"
     if len(indices) and (indices.min() < 0 or indices.max() >= n):
         return f"matrix is not square: column index {int(indices.max())} outside 0..{n - 1} (n={n})"
-    if not np.isfinite(data).all():
+    # A float64 sum of float32 values cannot overflow, so it is finite iff every value is: one fast pass.
+    if not math.isfinite(data.sum(dtype=np.float64)):
         return f"matrix has {np.count_nonzero(~np.isfinite(data))} non-finite value(s) (NaN or Inf)"
-    if not np.isfinite(rhs).all():
+    if not math.isfinite(rhs.sum(dtype=np.float64)):
         return f"right-hand side has {np.count_nonzero(~np.isfinite(rhs))} non-finite value(s) (NaN or Inf)"
     return None
 

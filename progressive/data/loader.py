@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from progressive.data.format import SPLITS, BucketReader, Sample, open_bucket
+from progressive.data.format import SPLITS, BucketReader, Sample, block_sample, open_bucket
 from progressive.errors import CheckpointError, DataError
 
 __all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag", "ignore_job_signals",
@@ -59,8 +59,9 @@ class BucketDataset(Dataset[Sample]):
             self.nnz_offsets = r.nnz_offsets
         self.count = len(self.nnz_offsets) - 1
         nnz = int(self.nnz_offsets[-1])
-        # What the loaded arrays occupy: int64 indptr and indices, float32 values and rhs.
-        self.memory_bytes = nnz * 12 + self.count * ((self.n + 1) * 8 + self.rhs_per_sample * self.n * 4)
+        # What the loaded arrays occupy: as stored (int32 indptr and indices, float32 values and rhs);
+        # a sample's index arrays become int64 only when it is served.
+        self.memory_bytes = nnz * 8 + self.count * ((self.n + 1) * 4 + self.rhs_per_sample * self.n * 4)
         self.in_memory = self.memory_bytes <= IN_MEMORY_MAX_BYTES if in_memory is None else bool(in_memory)
         self._reader: BucketReader | None = None
         self._pid: int | None = None
@@ -73,15 +74,13 @@ class BucketDataset(Dataset[Sample]):
         if not 0 <= i < self.count:
             raise IndexError(f"sample {i} out of range for {self.count} samples of bucket {self.bucket}/{self.split}")
         if self.in_memory:
-            offs, indptr, indices, data, rhs = self.load()
-            a, b = offs[i], offs[i + 1]
-            return Sample(self.n, indptr[i], indices[a:b], data[a:b], rhs[i])
+            return block_sample(self.n, *self.load(), i)
         return self._handle().read(i)
 
     def load(self) -> tuple[np.ndarray, ...]:
-        """Read the whole bucket into memory now (once): (offsets, indptr, indices, data, rhs)."""
+        """Read the whole bucket into memory now (once, checked): `BucketReader.read_block`'s arrays."""
         if self._arrays is None:
-            with open_bucket(self.path, self.bucket, self.split) as r:
+            with open_bucket(self.path, self.bucket, self.split, cache_bytes=0) as r:
                 self._arrays = r.read_block()
         return self._arrays
 
