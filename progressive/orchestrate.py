@@ -114,6 +114,7 @@ def submit(plan: Plan, config_text: str, *, job_fn: JobFn, local: bool = False) 
                 submitted.append(job_id)
                 ids[st.name] = job_id
                 rec.stages[st.name].submissions.append(Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep))
+            for st in plan.stages:  # only once the whole chain is in: a fresh job gets its full requeue budget
                 record.set_requeue_count(rec.stage_dir(st.name), 0)
             record.save(rec)
         except BaseException:
@@ -257,7 +258,9 @@ def resume(rec: RunRecord, *, job_fn: JobFn, dry_run: bool = False) -> list[Resu
                 current[st.name] = job_id
                 rec.stages.setdefault(st.name, record.StageRecord()).submissions.append(
                     Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep, reason="resume"))
-                record.set_requeue_count(rec.stage_dir(st.name), 0)  # a fresh job gets its full requeue budget
+            for act in actions:  # a fresh job gets its full requeue budget
+                if act.new_job:
+                    record.set_requeue_count(rec.stage_dir(act.stage), 0)
             record.save(rec)
         except BaseException:
             slurm.cancel(submitted)

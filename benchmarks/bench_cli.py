@@ -1,0 +1,80 @@
+"""Login-node latency: `progressive --help`, `plan` and `status` vs `python -c "import pydantic, rich"`.
+
+Each command runs as a fresh process, interleaved with the baseline in the same run,
+and the median of N runs is compared (goal: <= 1.5x the baseline). Writes
+benchmarks/results/cli.md.
+
+    .venv/bin/python benchmarks/bench_cli.py [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "cli.md"
+
+
+def _time(cmd: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                   env={**os.environ, "COLUMNS": "200"})
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "data" / "matrices.h5"
+        # A real (small) dataset with all six buckets, so plan reads real counts.
+        subprocess.run([py, "-m", "progressive", "data", "generate", "-o", str(data), "--sizes",
+                        "512,1024,1536,2048,3072,4096", "--counts", "6,4,3,2,2,2"], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        cfg = work / "stages.toml"
+        cfg.write_text((REPO / "stages.toml").read_text())
+        cases = {
+            "baseline: python -c 'import pydantic, rich'": [py, "-c", "import pydantic, rich"],
+            "progressive --help": [py, "-m", "progressive", "--help"],
+            "progressive plan (stages.toml, 6 stages, real data)": [py, "-m", "progressive", "plan"],
+            "progressive plan --dry-run": [py, "-m", "progressive", "plan", "--dry-run"],
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(2):  # warm the page cache
+            for cmd in cases.values():
+                _time(cmd, work)
+        for _ in range(args.runs):
+            for name, cmd in cases.items():  # interleaved: load drifts hit all equally
+                times[name].append(_time(cmd, work))
+    base = statistics.median(next(iter(times.values())))
+    lines = [
+        "## CLI latency (login-node commands)",
+        "",
+        f"Median of {args.runs} fresh processes each, interleaved with the baseline in the same run; goal <= 1.5x.",
+        "",
+        "| command | median (ms) | ratio to baseline | goal met |",
+        "|---|---:|---:|---|",
+    ]
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = med / base
+        goal = "baseline" if name.startswith("baseline") else ("yes" if ratio <= 1.5 else "no")
+        lines.append(f"| {name} | {med * 1000:.0f} | {ratio:.2f}x | {goal} |")
+    lines += ["", f"Reproduce: `.venv/bin/python benchmarks/bench_cli.py --runs {args.runs}`", ""]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
