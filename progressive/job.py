@@ -105,11 +105,12 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
         # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
         sys.exit(1)
     stage_dir = rec.stage_dir(stage.name)
-    used = record.requeue_count(stage_dir)
+    job_id = str(env["job_id"]).split("_")[0]
+    used = record.requeue_count(stage_dir, job_id)
     if used < stage.slurm.max_requeues:
-        record.set_requeue_count(stage_dir, used + 1)
+        record.set_requeue_count(stage_dir, job_id, used + 1)
         log.info("requeueing job %s (time-out requeue %d of %d)", env["job_id"], used + 1, stage.slurm.max_requeues)
-        slurm.requeue(str(env["job_id"]).split("_")[0])
+        slurm.requeue(job_id)
     else:
         log.warning("requeues used up (%d): the job ends as TIMEOUT; continue with `progressive resume %s`",
                     used, plan.run_name)

@@ -114,8 +114,6 @@ def submit(plan: Plan, config_text: str, *, job_fn: JobFn, local: bool = False) 
                 submitted.append(job_id)
                 ids[st.name] = job_id
                 rec.stages[st.name].submissions.append(Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep))
-            for st in plan.stages:  # only once the whole chain is in: a fresh job gets its full requeue budget
-                record.set_requeue_count(rec.stage_dir(st.name), 0)
             record.save(rec)
         except BaseException:
             # No half-submitted chain: take back what this call submitted.
@@ -198,7 +196,7 @@ def _stage_status(rec: RunRecord, st: StagePlan, infos: dict[str, Any]) -> Stage
         reason = "its parent did not complete (Slurm: DependencyNeverSatisfied)"
     return StageStatus(
         name=st.name, state=state, job_id=job_id, slurm_state=info.slurm_state if info else None, reason=reason,
-        requeues=record.requeue_count(rec.stage_dir(st.name)), step=step, total_steps=total,
+        requeues=record.requeue_count(rec.stage_dir(st.name), job_id), step=step, total_steps=total,
         epoch=metrics.get("epoch"), loss=metrics.get("loss"), elapsed=info.elapsed if info else "",
         eta_s=eta, checkpoint=latest_checkpoint_file(st), final_checkpoint=st.final_checkpoint if complete else None,
         fix=fix,
@@ -258,9 +256,6 @@ def resume(rec: RunRecord, *, job_fn: JobFn, dry_run: bool = False) -> list[Resu
                 current[st.name] = job_id
                 rec.stages.setdefault(st.name, record.StageRecord()).submissions.append(
                     Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep, reason="resume"))
-            for act in actions:  # a fresh job gets its full requeue budget
-                if act.new_job:
-                    record.set_requeue_count(rec.stage_dir(act.stage), 0)
             record.save(rec)
         except BaseException:
             slurm.cancel(submitted)

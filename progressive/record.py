@@ -157,17 +157,22 @@ def list_runs(jobs_root: str | Path) -> list[Path]:
 
 # ------------------------------------------------------------------ per-stage counters
 
-def requeue_count(stage_dir: Path) -> int:
-    """Time-out requeues used by a stage (preemptions are not counted)."""
+def requeue_count(stage_dir: Path, job_id: str | None) -> int:
+    """Time-out requeues used by the stage's job `job_id` (preemptions are not counted).
+
+    The counter names its job, so a new job (from submit or resume) starts with its full
+    budget without anyone having to reset a file.
+    """
     try:
-        return int(json.loads((stage_dir / "requeues.json").read_text())["timeouts"])
-    except (FileNotFoundError, KeyError, ValueError):
+        data = json.loads((stage_dir / "requeues.json").read_text())
+        return int(data["timeouts"]) if str(data["job_id"]) == str(job_id) else 0
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
         return 0
 
 
-def set_requeue_count(stage_dir: Path, count: int) -> None:
-    """Record the time-out requeues used (written by the job itself, atomically)."""
-    write_atomic(stage_dir / "requeues.json", json.dumps({"timeouts": count}))
+def set_requeue_count(stage_dir: Path, job_id: str, count: int) -> None:
+    """Record the time-out requeues used by job `job_id` (written by the job itself, atomically)."""
+    write_atomic(stage_dir / "requeues.json", json.dumps({"job_id": str(job_id), "timeouts": count}))
 
 
 def tail_objects(path: str | Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
