@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,15 +106,34 @@ def _prepare_output(args: argparse.Namespace) -> Path:
     return out
 
 
+def _as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar; yields the `progress(done, total)` callback the library calls."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """A rich progress bar; yields the `progress(done, total)` callback the library calls.
 
+    While it runs, SIGTERM and SIGHUP (scancel, a closed terminal) interrupt like Ctrl-C, so the
+    writer deletes its temp file instead of dying with it on disk.
+    """
     from progressive.cli.render import console
 
+    previous = {sig: signal.signal(sig, _as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with _bar(label, console()) as update:
+            yield update
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _bar(label: str, con: Any) -> Iterator[Callable[[int, int], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console(), transient=True) as bar:
+                  TimeRemainingColumn(), console=con, transient=True) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:

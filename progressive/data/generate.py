@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.pool
 import signal
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -173,7 +173,8 @@ def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
 
 
 def _worker_init() -> None:
-    # Ctrl-C reaches the whole process group; the parent alone cleans up and stops the pool.
+    # Ctrl-C reaches the whole process group; the parent alone reacts (deletes its temp file,
+    # terminates the pool). SIGTERM keeps its default, so that terminate() and scancel end workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -226,31 +227,29 @@ def generate(path: str | Path, *, sizes: Sequence[int] = DEFAULT_SIZES, counts: 
                      "split": list(fractions), "rhs": rhs}],
     }
     tasks = list(_tasks(family, sizes, counts, seed, rhs))
-    with DatasetWriter(path, attrs=attrs, overwrite=overwrite, compression=compression, verify=False) as w:
-        done = 0
-        for chunk in _run(tasks, workers):
-            for j, _, s, digest in chunk:
-                w.add(s.n, SPLITS[labels[s.n][j]], s.indptr, s.indices, s.data, s.rhs, digest=digest)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
-        return {n: dict(c) for n, c in w.counts.items()}
+    pool = _pool(workers) if workers > 1 and len(tasks) > 1 else None
+    try:
+        chunks: Iterator[Chunk] = pool.imap(_make_chunk, tasks) if pool is not None else map(_make_chunk, tasks)
+        with DatasetWriter(path, attrs=attrs, overwrite=overwrite, compression=compression, verify=False) as w:
+            done = 0
+            for chunk in chunks:
+                for j, _, s, digest in chunk:
+                    w.add(s.n, SPLITS[labels[s.n][j]], s.indptr, s.indices, s.data, s.rhs, digest=digest)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            return {n: dict(c) for n, c in w.counts.items()}
+    finally:
+        if pool is not None:
+            # Done or interrupted, the workers go now: terminate() does not wait for queued tasks.
+            pool.terminate()
+            pool.join()
 
 
-def _run(tasks: list[tuple[str, int, int, int, int, int]], workers: int) -> Iterator[Chunk]:
-    """Chunks in task order, from a process pool (or this process when workers == 1)."""
-    if workers == 1 or len(tasks) <= 1:
-        for t in tasks:
-            yield _make_chunk(t)
-        return
+def _pool(workers: int) -> "multiprocessing.pool.Pool":
     # forkserver, not fork: the parent runs threads (the progress bar), and forking a threaded
     # process can deadlock; spawn would work too but re-imports more per worker.
-    ctx = multiprocessing.get_context("forkserver")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-    try:
-        yield from pool.map(_make_chunk, tasks)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return multiprocessing.get_context("forkserver").Pool(workers, initializer=_worker_init)
 
 
 # `progressive demo` (cli/run_cmds.py) calls it by this name.
