@@ -162,12 +162,15 @@ class PrecondGNN(nn.Module):
         feats[:, 3] = torch.log1p(feats[:, 3])
         return feats
 
+    def propagate(self, g: Graph, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The neighbour term of layer `layer`: W_nb (Ã_off @ h). Subclasses swap the message passing here."""
+        return self.nb_lin[layer](sym_spmm(g.a_off, h) if self.message_passing else h)
+
     def forward(self, g: Graph) -> LowerFactor:  # type: ignore[override]
         """L for the batch graph `g`."""
         h = F.relu(self.encode(self.node_features(g)))
-        for lin_self, lin_nb in zip(self.self_lin, self.nb_lin):
-            m = sym_spmm(g.a_off, h) if self.message_passing else h
-            h = h + F.relu(lin_self(h) + lin_nb(m))
+        for layer, lin_self in enumerate(self.self_lin):
+            h = h + F.relu(lin_self(h) + self.propagate(g, h, layer))
         # index_select, not h[idx]: its backward is an index_add, not a slower scatter via advanced indexing.
         r, c = g.row.index_select(0, g.low), g.col.index_select(0, g.low)
         e = self.edge_src(h).index_select(0, r) + self.edge_dst(h).index_select(0, c)
