@@ -189,6 +189,8 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)  # DDP and the allocator want an explicit device
     if dev.type == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.backends.cuda.matmul.allow_tf32 = True

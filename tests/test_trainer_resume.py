@@ -130,3 +130,22 @@ def test_metrics_lines_carry_what_status_reads(data: Path, tmp_path: Path) -> No
     done = events[-1]
     assert done["event"] == "completed" and done["eval"] == out.metrics
     assert {"learned_iters", "jacobi_iters", "cg_iters", "ic0_iters", "learned_solve_s"} <= set(out.metrics or {})
+
+
+def test_time_based_checkpoints_and_tensorboard_note(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import progressive.trainer as trainer
+
+    # A zero-second interval: the duration path saves after every step (the real one is whole minutes).
+    monkeypatch.setattr(trainer, "checkpoint_interval", lambda value: ("seconds", 0.0))
+    plan = make_plan(tmp_path, data, stage_toml("a", epochs=1), train=TRAIN + "\ntensorboard = true\nkeep_checkpoints = 3")
+    out = train_stage(plan, plan.stages[0])
+    events = read_metrics(plan.stages[0].metrics_path)
+    saves = [e for e in events if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saves] == [1, 2, 3] and saves[-1]["reason"] == "end" and out.status == "completed"
+    start = events[0]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert any("tensorboard" in note for note in start["notes"])  # said, not silently dropped
+    else:
+        assert (Path(plan.stages[0].metrics_path).parent / "tensorboard").is_dir()
