@@ -89,6 +89,12 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
     # SIGTERM: cancel or preemption; checkpoint too, but it is not a time-out.
     flag.install(timeout_sig, signal.SIGTERM)
     rank = env["global_rank"]
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:
+        # Use what was allocated, no more: several tasks on one node must not oversubscribe it.
+        import torch
+
+        torch.set_num_threads(int(cpus))
     log.info("stage %s, job %s, task %d/%d on %s", stage.name, env["job_id"], rank, env["num_tasks"], env["hostnames"])
 
     from progressive.trainer import train_stage

@@ -243,7 +243,7 @@ def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
         if len(parts) < 5 or parts[0] not in ids:
             continue
         jid, st, reason, elapsed, restarts = parts[:5]
-        infos[jid] = JobInfo(jid, st, map_state(st, reason), reason, elapsed, _int(restarts), "sacct")
+        infos[jid] = _info(jid, st, reason, elapsed, _int(restarts), "sacct")
     return infos
 
 
@@ -259,7 +259,7 @@ def _from_squeue(ids: Sequence[str]) -> dict[str, JobInfo]:
             continue
         jid, st, reason, elapsed = parts[:4]
         restarts = _restart_count(jid)
-        infos[jid] = JobInfo(jid, st, map_state(st, reason), reason, elapsed, restarts, "squeue")
+        infos[jid] = _info(jid, st, reason, elapsed, restarts, "squeue")
     return infos
 
 
@@ -285,7 +285,25 @@ def _from_scontrol(job_id: str) -> JobInfo | None:
     if not f.get("JobState"):
         return None
     st, reason = f["JobState"], f.get("Reason", "")
-    return JobInfo(job_id, st, map_state(st, reason), reason, f.get("RunTime", ""), _int(f.get("Restarts", "0")), "scontrol")
+    return _info(job_id, st, reason, f.get("RunTime", ""), _int(f.get("Restarts", "0")), "scontrol")
+
+
+def _info(job_id: str, st: str, reason: str, elapsed: str, restarts: int, source: str) -> JobInfo:
+    """One JobInfo from any source: Slurm's "None" reason dropped, elapsed as [D-]H:MM:SS."""
+    reason = "" if reason in ("None", "(null)") else reason
+    return JobInfo(job_id, st, map_state(st, reason), reason, _hms(elapsed), restarts, source)
+
+
+def _hms(elapsed: str) -> str:
+    """sacct says 00:01:05, squeue 1:05: show both as 0:01:05."""
+    days, _, clock = elapsed.rpartition("-")
+    parts = [int(p) for p in clock.split(":") if p.isdigit()]
+    if not parts:
+        return elapsed
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, sec = parts[-3:]
+    return f"{days + '-' if days else ''}{h}:{m:02d}:{sec:02d}"
 
 
 def _int(text: str) -> int:

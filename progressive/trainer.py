@@ -302,7 +302,9 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
                  f"resuming {st.resumed_from}" if st.resumed_from else f"starting ({stage.init_from.kind} init)",
                  st.step, total, dev, precision, dist.world_size)
     metrics.write({"event": "start", "stage": stage.name, "step": st.step, "total_steps": total,
-                   "resumed_from": st.resumed_from, "world_size": dist.world_size, "device": str(dev),
+                   "resumed_from": st.resumed_from,
+                   "init_from": None if st.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
+                   "world_size": dist.world_size, "device": str(dev),
                    "precision": precision, "time": job_start, "notes": metrics.notes})
 
     def save_state(reason: str) -> Path:

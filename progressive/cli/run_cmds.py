@@ -143,26 +143,39 @@ def _fmt_eval(ev: dict[str, Any]) -> str:
 
 
 def show_results(rec: Any) -> None:
-    """The per-stage result table: final loss and the evaluation the task reported."""
+    """The per-stage result table: final training loss and the task's evaluation.
+
+    Iteration counts (keys ending in `_iters`) and ratios go first; other metrics only
+    when the task reports no iteration counts (a custom task's own numbers).
+    """
     from rich.table import Table
 
-    from progressive.record import tail_objects
+    from progressive.record import last_step_metrics, tail_objects
 
     rows = []
     keys: list[str] = []
     for st in rec.plan.stages:
         done = next((o for o in tail_objects(st.metrics_path) if o.get("event") == "completed"), {})
         ev = done.get("eval") or {}
+        last = last_step_metrics(st.metrics_path) or {}
         keys += [k for k in ev if k not in keys]
-        rows.append((st, done, ev))
-    t = Table(title=f"run {rec.run_name}: results", header_style="bold")
-    for col in ["stage", "n", "steps", "final loss", *keys]:
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    for st, done, ev in rows:
-        loss = done.get("loss")
-        t.add_row(st.name, str(st.bucket), str(done.get("step", "-")), f"{loss:.4g}" if isinstance(loss, float) else "-",
-                  *[f"{ev[k]:.4g}" if isinstance(ev.get(k), float) else str(ev.get(k, "-")) for k in keys])
+        rows.append((st, done, last, ev))
+    shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
+    if "loss" in keys:
+        shown = ["loss", *[k for k in shown if k != "loss"]]
+    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out matrices)", header_style="bold")
+    for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
+        t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
+    for st, done, last, ev in rows:
+        cells = [_num(ev.get(k)) for k in shown]
+        t.add_row(st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")), *cells)
     console().print(t)
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}"
+    return "-" if v is None else str(v)
 
 
 # ------------------------------------------------------------------ status

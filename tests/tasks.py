@@ -1,0 +1,41 @@
+"""Test-only tasks, plugged in through stages.toml like any user's task (`task = "tests.tasks:SlowTask"`).
+
+They change how long a step takes or whether a stage fails, never the numbers: a stage
+trained with SlowTask ends with the same weights as with PreconditionerTask.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from progressive.tasks.precond import PreconditionerTask
+
+
+class SlowTask(PreconditionerTask):
+    """The reference task with a pause in every loss call, so a tiny stage outlasts a 1-minute limit."""
+
+    def __init__(self, step_sleep: float = 0.1, **options: Any) -> None:
+        super().__init__(**options)
+        self.step_sleep = step_sleep
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        time.sleep(self.step_sleep)
+        return super().loss(model, batch, generator)
+
+
+class FlakyTask(SlowTask):
+    """Fails (raises) while the file `fail_marker` exists: a failure the test can switch off for resume."""
+
+    def __init__(self, fail_marker: str = "", **options: Any) -> None:
+        super().__init__(**options)
+        self.fail_marker = fail_marker
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        if self.fail_marker and Path(self.fail_marker).exists():
+            raise RuntimeError(f"injected failure: {self.fail_marker} exists")
+        return super().loss(model, batch, generator)
