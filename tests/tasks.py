@@ -29,13 +29,17 @@ class SlowTask(PreconditionerTask):
 
 
 class FlakyTask(SlowTask):
-    """Fails (raises) while the file `fail_marker` exists: a failure the test can switch off for resume."""
+    """Fails (raises) on a bucket while the file `fail_marker.format(n=bucket)` exists.
+
+    The test switches the failure off by deleting the file, then resumes.
+    """
 
     def __init__(self, fail_marker: str = "", **options: Any) -> None:
         super().__init__(**options)
         self.fail_marker = fail_marker
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        if self.fail_marker and Path(self.fail_marker).exists():
-            raise RuntimeError(f"injected failure: {self.fail_marker} exists")
+        marker = Path(self.fail_marker.format(n=batch.sizes[0])) if self.fail_marker else None
+        if marker is not None and marker.exists():
+            raise RuntimeError(f"injected failure: {marker} exists")
         return super().loss(model, batch, generator)

@@ -25,9 +25,9 @@ def test_dry_run_script_is_accepted_by_sbatch_test_only(slurm_cluster: None, tmp
     assert "to start at" in proc.stderr  # sbatch --test-only reports on stderr
 
 
-def test_refused_second_stage_cancels_the_first(slurm_cluster: None, tiny_data: Path, tmp_path: Path) -> None:
+def test_refused_second_stage_cancels_the_first(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
     """No half-submitted chain: sbatch refuses stage b, so stage a (already queued) is cancelled."""
-    head = (f'[run]\nname = "refused"\ndata = "{tiny_data}"\n[slurm]\ntime = "5m"\nmem = "1G"\n'
+    head = (f'[run]\nname = "refused"\ndata = "{tiny_dataset}"\n[slurm]\ntime = "5m"\nmem = "1G"\n'
             '[model]\n[model.options]\nhidden = 8\nlayers = 1\n')
     stages = [{"name": "a", "bucket": 32, "epochs": 50}, {"name": "b", "bucket": 64, "partition": "nope"}]
     (tmp_path / "stages.toml").write_text(graph_toml(stages, head=head))

@@ -1,0 +1,192 @@
+"""Runs on the real single-node Slurm cluster: chains, time-limit requeues, failure, cancel, resume, DDP.
+
+No mocks: the CLI submits through submitit to the cluster started by scripts/slurm-up.sh,
+the jobs train the reference task on real HDF5 data, and the tests read what a user
+reads (status --json, logs, checkpoints, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.slurm_support import accounting_off, release_requeued, slurm_cluster, status, wait_for  # noqa: F401
+from tests.util import REPO, run_cli
+
+pytestmark = pytest.mark.slurm
+
+# Jobs import tests.tasks: sbatch exports the submitting environment, PYTHONPATH included.
+ENV = {"PYTHONPATH": str(REPO)}
+
+
+def write_graph(tmp_path: Path, data: Path, run: str, stages: str, *, task: str = "tests.tasks:SlowTask",
+                options: str = "step_sleep = 0.0", slurm: str = "", train: str = "") -> Path:
+    """A stage graph for these tests: tiny model, 1 CPU, 1 GB, 5-minute jobs unless told."""
+    text = (f'[run]\nname = "{run}"\ndata = "{data}"\nseed = 3\n'
+            f'[slurm]\ncpus_per_task = 1\nmem = "1G"\ntime = "5m"\nsignal_delay = "20s"\nmax_requeues = 8\n{slurm}\n'
+            f'[train]\nlr = 0.003\ncheckpoint_every = 50\neval_samples = 1\n{train}\n'
+            f'[model]\ntask = "{task}"\n[model.options]\nhidden = 8\nlayers = 1\n{options}\n{stages}')
+    path = tmp_path / f"{run}.toml"
+    path.write_text(text)
+    return path
+
+
+def stage(name: str, bucket: int, batch_size: int, epochs: int, extra: str = "") -> str:
+    return f'\n[[stage]]\nname = "{name}"\nbucket = {bucket}\nbatch_size = {batch_size}\nepochs = {epochs}\n{extra}\n'
+
+
+def submit(cfg: Path, *args: str) -> None:
+    proc = run_cli("submit", "-c", str(cfg), *args, cwd=cfg.parent, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def all_done(run: str, jobs: Path, states: tuple[str, ...] = ("completed",)) -> Any:
+    st = status(run, jobs)
+    return st if all(s["state"] in states for s in st.values()) else False
+
+
+def events(metrics: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def record(jobs: Path, run: str) -> dict[str, Any]:
+    return json.loads((jobs / run / "run.json").read_text())
+
+
+def weights(path: str | Path) -> dict[str, torch.Tensor]:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    return ck["model"] if "model" in ck else ck
+
+
+def assert_no_step_redone(metrics: Path) -> list[int]:
+    steps = [e["step"] for e in events(metrics) if e.get("event") == "step"]
+    assert steps == sorted(set(steps)), "a step was logged twice: work was redone after a requeue"
+    return steps
+
+
+def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = write_graph(tmp_path, tiny_dataset, "chain",
+                      stage("s16", 16, 4, 2, 'init_from = "none"') + stage("s32", 32, 2, 2) + stage("s64", 64, 2, 2))
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    final = wait_for(lambda: all_done("chain", jobs), 240, "the 3-stage chain to complete")
+    rec = record(jobs, "chain")
+    ids = [rec["stages"][n]["submissions"][0]["job_id"] for n in ("s16", "s32", "s64")]
+    assert rec["stages"]["s32"]["submissions"][0]["dependency"] == f"afterok:{ids[0]}"
+    assert rec["stages"]["s64"]["submissions"][0]["dependency"] == f"afterok:{ids[1]}"
+    for parent, child in (("s16", "s32"), ("s32", "s64")):
+        start = next(e for e in events(jobs / "chain" / "stages" / child / "metrics.jsonl") if e.get("event") == "start")
+        assert start["init_from"] == final[parent]["final_checkpoint"]
+        assert os.path.getmtime(final[parent]["final_checkpoint"]) <= start["time"]
+        assert final[child]["slurm_state"] == "COMPLETED" and final[child]["step"] == final[child]["total_steps"]
+    logs = run_cli("logs", "chain", "s32", "--jobs", str(jobs), check=True).stdout
+    assert "stage s32 completed" in logs
+
+
+def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, release_requeued: None,
+                                                        tiny_dataset: Path, tmp_path: Path) -> None:
+    """A 1-minute job that needs ~1.5 minutes of work requeues itself, redoes no step, and ends with
+    exactly the weights of the same stage run locally without interruption."""
+    stages = stage("long", 16, 2, 12, 'init_from = "none"')
+    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4", slurm='time = "1m"')
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    done = wait_for(lambda: all_done("requeue", jobs, ("completed", "failed", "timeout")), 600, "the stage to finish")
+    assert done["long"]["state"] == "completed", done
+    assert done["long"]["requeues"] >= 2, done  # it really was cut by the time limit, twice or more
+    steps = assert_no_step_redone(jobs / "requeue" / "stages" / "long" / "metrics.jsonl")
+    assert steps[-1] == done["long"]["total_steps"]
+    starts = [e for e in events(jobs / "requeue" / "stages" / "long" / "metrics.jsonl") if e.get("event") == "start"]
+    assert len(starts) >= 3 and all(s["resumed_from"] for s in starts[1:])
+
+    local_cfg = write_graph(tmp_path, tiny_dataset, "reference", stages, options="step_sleep = 0.0")
+    proc = run_cli("submit", "--local", "-c", str(local_cfg), cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    slurm_w = weights(done["long"]["final_checkpoint"])
+    local_w = weights(tmp_path / "checkpoints" / "reference" / "long" / "final.pt")
+    assert slurm_w.keys() == local_w.keys()
+    for k in slurm_w:
+        assert torch.equal(slurm_w[k], local_w[k]), f"{k} differs"
+
+
+def test_failure_blocks_dependents_and_resume_finishes(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "fail-32"
+    marker.write_text("stage 2 fails while this file exists")
+    cfg = write_graph(tmp_path, tiny_dataset, "flaky",
+                      stage("one", 16, 4, 1, 'init_from = "none"') + stage("two", 32, 2, 2) + stage("three", 64, 2, 1),
+                      task="tests.tasks:FlakyTask", options=f'fail_marker = "{tmp_path}/fail-{{n}}"')
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    blocked = wait_for(lambda: (lambda s: s if s["three"]["state"] == "blocked" else False)(status("flaky", jobs)),
+                       180, "stage three to be blocked")
+    assert blocked["one"]["state"] == "completed" and blocked["two"]["state"] == "failed"
+    assert blocked["three"]["fix"] == "progressive resume flaky"
+    text = run_cli("status", "flaky", "--jobs", str(jobs), check=True).stdout
+    assert "three is blocked" in text and "DependencyNeverSatisfied" in text and "progressive resume flaky" in text
+
+    marker.unlink()
+    dry = run_cli("resume", "flaky", "--jobs", str(jobs), "--dry-run", check=True).stdout
+    assert "skip (completed)" in dry and "cancel+submit" in dry
+    proc = run_cli("resume", "flaky", "--jobs", str(jobs), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = run_cli("resume", "flaky", "--jobs", str(jobs), cwd=tmp_path, env=ENV, check=True).stdout
+    assert "nothing to resubmit" in again  # the first resume's jobs are live: the second submits nothing
+    wait_for(lambda: all_done("flaky", jobs), 240, "the resumed run to complete")
+    rec = record(jobs, "flaky")
+    assert len(rec["stages"]["one"]["submissions"]) == 1  # stage one never ran again
+    assert [s["reason"] for s in rec["stages"]["two"]["submissions"]] == ["submit", "resume"]
+    starts = [e for e in events(jobs / "flaky" / "stages" / "one" / "metrics.jsonl") if e.get("event") == "start"]
+    assert len(starts) == 1
+
+
+def test_cancel_then_resume_continues_from_checkpoint(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = write_graph(tmp_path, tiny_dataset, "cancelled",
+                      stage("first", 16, 2, 6, 'init_from = "none"') + stage("second", 32, 2, 1),
+                      options="step_sleep = 0.2")
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    metrics = jobs / "cancelled" / "stages" / "first" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and any(e.get("step", 0) >= 15 for e in events(metrics)), 120, "15 steps")
+    run_cli("cancel", "cancelled", "--jobs", str(jobs), check=True)
+    st = wait_for(lambda: (lambda s: s if s["first"]["state"] == "cancelled" else False)(status("cancelled", jobs)),
+                  60, "the cancel")
+    assert st["first"]["checkpoint"], "SIGTERM on cancel must leave a checkpoint"
+    stopped_at = max(e["step"] for e in events(metrics) if e.get("event") == "step")
+    run_cli("resume", "cancelled", "--jobs", str(jobs), cwd=tmp_path, env=ENV, check=True)
+    wait_for(lambda: all_done("cancelled", jobs), 240, "the resumed run to complete")
+    starts = [e for e in events(metrics) if e.get("event") == "start"]
+    assert starts[-1]["resumed_from"] and starts[-1]["step"] >= stopped_at - 1 and starts[-1]["step"] > 0
+    assert_no_step_redone(metrics)
+
+
+def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, release_requeued: None, tiny_dataset: Path,
+                                         tmp_path: Path) -> None:
+    cfg = write_graph(tmp_path, tiny_dataset, "ddp", stage("wide", 16, 2, 12, 'init_from = "none"'),
+                      options="step_sleep = 0.6", slurm='time = "1m"\ntasks_per_node = 2')
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    done = wait_for(lambda: all_done("ddp", jobs, ("completed", "failed", "timeout")), 600, "the DDP stage to finish")
+    assert done["wide"]["state"] == "completed", done
+    assert done["wide"]["requeues"] >= 1
+    metrics = jobs / "ddp" / "stages" / "wide" / "metrics.jsonl"
+    assert all(e["world_size"] == 2 for e in events(metrics) if e.get("event") == "start")
+    steps = assert_no_step_redone(metrics)  # only rank 0 writes, and no step is written twice
+    assert steps[-1] == done["wide"]["total_steps"]
+
+
+def test_status_without_accounting(accounting_off: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0  # accounting really is off
+    cfg = write_graph(tmp_path, tiny_dataset, "noacct", stage("only", 16, 4, 30, 'init_from = "none"'),
+                      options="step_sleep = 0.1")
+    submit(cfg)
+    jobs = tmp_path / "jobs"
+    seen = wait_for(lambda: (lambda s: s if s["only"]["state"] in ("running", "completed") else False)(status("noacct", jobs)),
+                    120, "the job to be seen running without sacct")
+    assert seen["only"]["slurm_state"] in ("RUNNING", "COMPLETING", "COMPLETED") or seen["only"]["state"] == "completed"
+    wait_for(lambda: all_done("noacct", jobs), 180, "completion without accounting")
