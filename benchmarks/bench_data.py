@@ -136,7 +136,7 @@ def read_per_sample(path: Path) -> int:
 
 def read_bucketed(path: Path, n: int) -> int:
     """Open, read the bucket's arrays as stored; no checks (the raw read checks nothing either)."""
-    with open_bucket(path, n, "train") as r:
+    with open_bucket(path, n, "train", cache_bytes=0) as r:
         return sum(a.nbytes for a in r.read_block(check=False)[1:])
 
 
@@ -152,7 +152,8 @@ def bench_layouts(tmp: Path, samples: list, n: int, repeat: int) -> tuple[list[s
     raw_bytes = sum(p.stat().st_size for p in raw_paths)
     per_sample = tmp / "per_sample.h5"
     write_per_sample(per_sample, samples)
-    variants = [("bucketed, none", "none", True), ("bucketed, blosc-lz4 (no checksum)", "blosc-lz4", False),
+    variants = [("bucketed, none (no checksum)", "none", False), ("bucketed, none + fletcher32", "none", True),
+                ("bucketed, blosc-lz4 (no checksum)", "blosc-lz4", False),
                 ("bucketed, blosc-lz4 + fletcher32 (default)", "blosc-lz4", True),
                 ("bucketed, blosc-zstd + fletcher32", "blosc-zstd", True), ("bucketed, lzf + fletcher32", "lzf", True),
                 ("bucketed, gzip-4 + fletcher32", "gzip", True)]
@@ -279,12 +280,17 @@ def bench_generate(tmp: Path) -> list[str]:
     out = ["Generating the default dataset (`progressive data generate`: sizes 512..4096, counts "
            "1200/900/480/144/88/30 = 2842 matrices, poisson, blosc-lz4, every sample checked):", "",
            "| workers | seconds | file MB |", "|---:|---:|---:|"]
-    for workers in (2, 1):
-        p = tmp / f"default_{workers}.h5"
-        t = time.perf_counter()
-        generate(p, workers=workers)
-        out.append(f"| {workers} | {time.perf_counter() - t:.1f} | {p.stat().st_size / 1e6:.1f} |")
-        p.unlink()
+    best: dict[int, float] = {}
+    for _ in range(2):  # alternate, keep the best: the machine is shared
+        for workers in (2, 1):
+            p = tmp / f"default_{workers}.h5"
+            t = time.perf_counter()
+            generate(p, workers=workers)
+            best[workers] = min(best.get(workers, float("inf")), time.perf_counter() - t)
+            size = p.stat().st_size
+            p.unlink()
+    out += [f"| {w} | {t:.1f} | {size / 1e6:.1f} |" for w, t in best.items()]
+    out.append(f"\nLoad average when done: {os.getloadavg()[0]:.1f} (other processes share these 2 cores).")
     return out
 
 
@@ -299,6 +305,7 @@ def main() -> int:
     if args.quick:
         args.count, args.repeat = 100, 3
     torch.set_num_threads(1)
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
         samples = [make_sample("poisson", args.bucket, 0, j)[1] for j in range(args.count)]
@@ -314,7 +321,7 @@ def main() -> int:
             f"Reproduce: `{cmd}` (from the repo root). Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
             f"Python {platform.python_version()}, numpy {np.__version__}, h5py {h5py.__version__} (HDF5 "
             f"{h5py.version.hdf5_version}), hdf5plugin {hdf5plugin.version}, torch {torch.__version__}; "
-            f"{time.strftime('%Y-%m-%d')}.", ""]
+            f"{time.strftime('%Y-%m-%d')}; load average at start {load0:.1f} (the machine is shared).", ""]
     sections = [head, ["### Layout and compression", ""] + lay, ["", "### Access patterns", ""] + acc,
                 ["", "### Index open", ""] + idx]
     if gen:

@@ -1,4 +1,6 @@
-"""The bucketed HDF5 format: index, reader, writer and sample checks.
+"""The bucketed HDF5 format, read side: the index, the reader and the sample checks.
+
+(Writing is `progressive.data.ops.DatasetWriter`.)
 
 Layout (version 1; docs/data-format.md explains the choice and its measurements)::
 
@@ -14,7 +16,7 @@ Layout (version 1; docs/data-format.md explains the choice and its measurements)
 
 Next to a file `F`, `F.index.json` caches the sample counts, keyed by F's size and mtime, so that
 `bucket_counts` (run by `progressive plan` on a login node) answers without importing numpy or h5py.
-numpy, h5py and scipy are imported inside the functions that need them, for the same reason.
+numpy and h5py are imported inside the functions that need them, for the same reason.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ DEFAULT_COMPRESSION = "blosc-lz4"
 
 GENERATE_HINT = "create it with `progressive data generate -o PATH`, or point [run].data at an existing file"
 VERIFY_HINT = "run `progressive data inspect PATH --verify` to list every bad sample; regenerate or re-export the file"
-
 
 
 class Sample(NamedTuple):
@@ -274,7 +275,7 @@ class BucketReader:
         (int64), indptr (m, n+1) int32, indices int32, data float32, rhs (m, k, n) float32).
 
         Four bulk reads: the fast way to load a bucket. `check` runs the cheap checks on the block
-        (vectorised; about a third of the read time) and raises DataError if they fail.
+        (vectorised; about a fifth of a warm load) and raises DataError if they fail.
         """
         stop = self.count if stop is None else min(stop, self.count)
         a, b = int(self.nnz_offsets[start]), int(self.nnz_offsets[stop])

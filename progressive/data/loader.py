@@ -31,8 +31,8 @@ __all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_bloc
            "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES", "JOB_SIGNALS"]
 
 # `in_memory=None` loads a bucket whole when it needs at most this much RAM: in the benchmark
-# (benchmarks/results/data.md) the in-memory dataset served samples ~10x faster than lazy reads,
-# and the largest default bucket needs ~0.2 GB.
+# (benchmarks/results/data.md) the in-memory dataset served an epoch ~7x faster than lazy reads,
+# and the largest default bucket needs ~0.04 GB.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
 
 # Slurm signals every process of a job step; the trainer in the main process handles these,
