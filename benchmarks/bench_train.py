@@ -278,9 +278,12 @@ def bench_curriculum(tmp: Path, data: Path, epochs: tuple[int, int, int], hidden
         train_stage(plan, st)
         times[st.name] = time.perf_counter() - t0
     curriculum_s = sum(times.values())
-    # The baseline gets the same wall time: epochs from the n=1024 stage's measured time per epoch.
-    per_epoch = times["n1024"] / epochs[2]
-    base_epochs = max(1, round(curriculum_s / per_epoch))
+    # The baseline gets the same wall time: its epochs from the n=1024 stage's training time per epoch
+    # (the stage's elapsed_s, kept in final.pt) plus that stage's fixed start-up cost (open data, build model).
+    train_s = float(torch.load(plan.stages[-1].final_checkpoint, weights_only=True)["elapsed_s"])
+    per_epoch = train_s / epochs[2]
+    startup = times["n1024"] - train_s
+    base_epochs = max(1, round((curriculum_s - startup) / per_epoch))
     base_plan = _plan(tmp / f"base{tag}", data, _stage("only1024", 1024, 4, base_epochs, init_from="none"), train,
                       model_opts)
     t0 = time.perf_counter()
@@ -397,7 +400,7 @@ def main() -> None:
     except ImportError:
         env["torch_geometric"] = "not installed (GCNConv row skipped)"
     print("1. step time", flush=True)
-    steps = bench_steps([512] if args.quick else [512, 1024, 2048], rounds=3 if args.quick else 12)
+    steps = bench_steps([512] if args.quick else [512, 1024, 2048], rounds=3 if args.quick else 20)
     print("2. memory", flush=True)
     mem = bench_memory([512] if args.quick else [512, 1024, 2048], [4] if args.quick else [4, 16])
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -418,6 +421,7 @@ def main() -> None:
                                                 for k, r in curs[-1]["results"].items()}), flush=True)
         torch.set_num_threads(threads)
     total = time.perf_counter() - t_start
+    env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     cmd = ".venv/bin/python benchmarks/bench_train.py" + (" --quick" if args.quick else "")
     text = report(cmd, env, steps, mem, ck, curs, counts, total)
     out = args.out or (None if args.quick else str(REPO / "benchmarks/results/train.md"))
