@@ -219,6 +219,10 @@ def test_writer_rejects_bad_samples_and_leaves_nothing(tmp_path: Path) -> None:
         assert exc.value.msg.startswith(message), exc.value.msg
         assert exc.value.loc == f"{path}:16/train[0]"
         assert list(tmp_path.iterdir()) == [], "a failed write must leave no file behind"
+    with pytest.raises(DataError, match="indptr and indices must be integer arrays, got float64"):
+        with DatasetWriter(tmp_path / "f.h5", attrs={}) as w:
+            w.add(16, "train", good.indptr.astype(float), good.indices, good.data, good.rhs)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sample_problem_accepts_generated_and_flags_unsorted() -> None:

@@ -343,6 +343,7 @@ def sample_problem(s: Sample, *, full: bool = True, sym_rtol: float = 1e-6) -> s
     import numpy as np
 
     n, indptr, indices, data, rhs = s
+    indptr, indices = np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64)  # no overflow in n * n
     if indptr.ndim != 1 or len(indptr) != n + 1:
         return f"matrix is not square: {len(indptr) - 1} rows but n={n}"
     nnz = len(data)

@@ -41,7 +41,7 @@ DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 # Part of every sample's seed, so two families with one seed differ. Never renumber.
 _FAMILY_CODE = {"poisson": 1, "aniso": 2, "graph": 3, "mix": 4}
 
-Chunk = list[tuple[int, str, Sample, str]]  # (j, family drawn, sample, hash)
+Chunk = list[tuple[int, str, Sample, str]]  # (j, family drawn, sample with int32 index arrays, hash)
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -161,6 +161,8 @@ def make_sample(family: str, n: int, seed: int, j: int, rhs: int = 1) -> tuple[s
 
 def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
     """Worker: samples j0..j1-1 of one size, each checked and hashed (the writer need not redo it)."""
+    import numpy as np
+
     family, n, seed, j0, j1, rhs = task
     out: Chunk = []
     for j in range(j0, j1):
@@ -168,7 +170,9 @@ def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
         problem = sample_problem(s)
         if problem:  # a generator bug, not a user error; still say exactly which sample
             raise DataError(f"generated sample is invalid: {problem}", loc=f"{drawn} n={n} seed={seed} j={j}")
-        out.append((j, drawn, s, matrix_hash(n, s.indptr, s.indices, s.data)))
+        digest = matrix_hash(n, s.indptr, s.indices, s.data)
+        # int32 index arrays: half the bytes to pickle back to the parent, and what the file stores.
+        out.append((j, drawn, s._replace(indptr=s.indptr.astype(np.int32), indices=s.indices.astype(np.int32)), digest))
     return out
 
 

@@ -107,8 +107,13 @@ class DatasetWriter:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
         rhs = np.asarray(rhs, dtype=np.float32)
-        s = Sample(int(n), np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64),
-                   np.asarray(data, dtype=np.float32), rhs.reshape(1, -1) if rhs.ndim == 1 else rhs)
+        # Index arrays are kept in whatever integer dtype they come (int32 halves the buffer and the
+        # transfer from generator workers); they are stored as int32.
+        indptr, indices = np.asarray(indptr), np.asarray(indices)
+        if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+            raise DataError(f"indptr and indices must be integer arrays, got {indptr.dtype} and {indices.dtype}",
+                            loc=str(self.path), hint="pass the CSR arrays of a scipy.sparse.csr_matrix")
+        s = Sample(int(n), indptr, indices, np.asarray(data, dtype=np.float32), rhs.reshape(1, -1) if rhs.ndim == 1 else rhs)
         if self.verify:
             problem = sample_problem(s)
             if problem:
@@ -117,7 +122,7 @@ class DatasetWriter:
                                 hint="fix the generator or the source data; nothing was written")
         key = (s.n, split)
         self._buf.setdefault(key, []).append(s)
-        self._buf_bytes[key] = self._buf_bytes.get(key, 0) + s.data.nbytes * 2 + s.rhs.nbytes + s.indptr.nbytes
+        self._buf_bytes[key] = self._buf_bytes.get(key, 0) + sum(a.nbytes for a in s[1:])
         digest = digest or matrix_hash(s.n, s.indptr, s.indices, s.data)
         self._hashes.setdefault(key, []).append(digest)
         self.counts.setdefault(s.n, dict.fromkeys(SPLITS, 0))[split] += 1
