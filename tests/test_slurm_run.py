@@ -25,12 +25,16 @@ pytestmark = pytest.mark.slurm
 ENV = {"PYTHONPATH": str(REPO)}
 
 
+SLURM_DEFAULTS = {"cpus_per_task": "1", "mem": '"1G"', "time": '"5m"', "signal_delay": '"20s"', "max_requeues": "8"}
+
+
 def write_graph(tmp_path: Path, data: Path, run: str, stages: str, *, task: str = "tests.tasks:SlowTask",
-                options: str = "step_sleep = 0.0", slurm: str = "", train: str = "") -> Path:
-    """A stage graph for these tests: tiny model, 1 CPU, 1 GB, 5-minute jobs unless told."""
+                options: str = "step_sleep = 0.0", slurm: dict[str, str] | None = None) -> Path:
+    """A stage graph for these tests: tiny model, 1 CPU, 1 GB, 5-minute jobs unless `slurm` says otherwise."""
+    slurm_table = "".join(f"{k} = {v}\n" for k, v in {**SLURM_DEFAULTS, **(slurm or {})}.items())
     text = (f'[run]\nname = "{run}"\ndata = "{data}"\nseed = 3\n'
-            f'[slurm]\ncpus_per_task = 1\nmem = "1G"\ntime = "5m"\nsignal_delay = "20s"\nmax_requeues = 8\n{slurm}\n'
-            f'[train]\nlr = 0.003\ncheckpoint_every = 50\neval_samples = 1\n{train}\n'
+            f'[slurm]\n{slurm_table}'
+            f'[train]\nlr = 0.003\ncheckpoint_every = 50\neval_samples = 1\n'
             f'[model]\ntask = "{task}"\n[model.options]\nhidden = 8\nlayers = 1\n{options}\n{stages}')
     path = tmp_path / f"{run}.toml"
     path.write_text(text)
@@ -94,7 +98,7 @@ def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, rel
     """A 1-minute job that needs ~1.5 minutes of work requeues itself, redoes no step, and ends with
     exactly the weights of the same stage run locally without interruption."""
     stages = stage("long", 16, 2, 12, 'init_from = "none"')
-    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4", slurm='time = "1m"')
+    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4", slurm={"time": '"1m"'})
     submit(cfg)
     jobs = tmp_path / "jobs"
     done = wait_for(lambda: all_done("requeue", jobs, ("completed", "failed", "timeout")), 600, "the stage to finish")
@@ -168,7 +172,7 @@ def test_cancel_then_resume_continues_from_checkpoint(slurm_cluster: None, tiny_
 def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, release_requeued: None, tiny_dataset: Path,
                                          tmp_path: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, "ddp", stage("wide", 16, 2, 12, 'init_from = "none"'),
-                      options="step_sleep = 0.6", slurm='time = "1m"\ntasks_per_node = 2')
+                      options="step_sleep = 0.6", slurm={"time": '"1m"', "tasks_per_node": "2"})
     submit(cfg)
     jobs = tmp_path / "jobs"
     done = wait_for(lambda: all_done("ddp", jobs, ("completed", "failed", "timeout")), 600, "the DDP stage to finish")
