@@ -315,6 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     buckets = sorted({st.bucket for st in cfg.stage})
     if not data.is_file():
         con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
+        data.parent.mkdir(parents=True, exist_ok=True)
         generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
     plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
     existing = Path(plan.run_dir) / "run.json"
