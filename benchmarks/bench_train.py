@@ -152,6 +152,7 @@ def bench_steps(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
                 x = x + F.relu(r["model"].propagate(g, x, layer))
             x.square().sum().backward()
 
+        load_before = os.getloadavg()[0]
         for r in runs.values():  # warm-up: allocator, first-call kernels
             for _ in range(2):
                 full_step(r)
@@ -175,7 +176,8 @@ def bench_steps(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
             step, mp = statistics.median(r["step"]), statistics.median(r["mp"])
             rows.append({"n": n, "variant": name, "step_ms": step * 1e3, "mp_ms": mp * 1e3,
                          "step_vs_ref": step / ref_step, "mp_vs_ref": mp / ref_mp, "N": g.n, "nnz": int(g.row.numel()),
-                         "agg_ms": (mp - no_mp) * 1e3, "agg_vs_ref": (mp - no_mp) / ref_agg})
+                         "agg_ms": (mp - no_mp) * 1e3, "agg_vs_ref": (mp - no_mp) / ref_agg,
+                         "load": f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"})
         print(f"  n={n}: " + ", ".join(f"{r['variant'].split(':')[0]} {r['step_ms']:.1f}ms" for r in rows if r["n"] == n),
               flush=True)
     return rows
@@ -304,13 +306,84 @@ def bench_curriculum(tmp: Path, data: Path, epochs: tuple[int, int, int], hidden
             "steps": {st.name: st.total_steps for st in plan.stages} | {"only1024": base_plan.stages[0].total_steps}}
 
 
+def bench_tight(tmp: Path, data: Path, hidden: int, layers: int) -> list[dict[str, Any]]:
+    """The smallest budgets: one epoch at n=64 against one epoch at n=1024 (which gets more wall time)."""
+    train = 'lr = 0.003\nwarmup_frac = 0.05\ncheckpoint_every = "30m"\neval_samples = 0'
+    task = PreconditionerTask(hidden=hidden, layers=layers)
+    test = BucketDataset(data, 1024, "test")
+    rows = []
+    for name, bucket, bs in (("tight64", 64, 8), ("tight1024", 1024, 4)):
+        plan = _plan(tmp / name, data, _stage(name, bucket, bs, 1, init_from="none"), train,
+                     f"hidden = {hidden}\nlayers = {layers}")
+        t0 = time.perf_counter()
+        train_stage(plan, plan.stages[0])
+        wall = time.perf_counter() - t0
+        model = task.build_model()
+        model.load_state_dict(torch.load(plan.stages[0].final_checkpoint, weights_only=True)["model"])
+        model.eval()
+        rows.append({"bucket": bucket, "wall_s": wall, "steps": plan.stages[0].total_steps,
+                     "result": task.evaluate(model, test, device=torch.device("cpu"), max_samples=len(test))})
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 
 
+def summary(steps: list[dict[str, Any]], ck: dict[str, Any], curs: list[dict[str, Any]],
+            tight: list[dict[str, Any]]) -> list[str]:
+    """The goals, met or not, in a few lines computed from the tables below."""
+    big = [r for r in steps if r["n"] >= 1024]
+    gcn = [r for r in big if "GCNConv" in r["variant"]]
+    nomp = [r for r in steps if r["variant"] == "no message passing"]
+    out = ["## Summary", ""]
+    if gcn:
+        step_min = min(r["step_vs_ref"] for r in gcn)
+        layer_min = min(r["mp_vs_ref"] for r in gcn)
+        agg_min = min(r["agg_vs_ref"] for r in gcn)
+        out.append(f"- vs torch_geometric GCNConv at n >= 1024 (goal >= 3x): the aggregation is {agg_min:.1f}x+ faster "
+                   f"({'met' if agg_min >= 3 else 'not met'}), the message-passing layers {layer_min:.1f}x+ "
+                   f"({'met' if layer_min >= 3 else 'not met'}), the whole training step {step_min:.2f}x+ "
+                   f"({'met' if step_min >= 3 else 'not met'}). The whole step cannot reach 3x with this model: "
+                   f"the same step without any message passing already takes "
+                   f"{100 * min(r['step_vs_ref'] for r in nomp if r['n'] >= 1024):.0f}%+ of the reference step "
+                   "(dense linear maps, the edge head and the sketched loss, common to every variant).")
+    if nomp:
+        worst = max(1 / r["step_vs_ref"] for r in nomp)
+        out.append(f"- vs no message passing (goal <= 1.5x): the reference step costs at most {worst:.2f}x "
+                   f"({'met' if worst <= 1.5 else 'not met'}).")
+    out.append(f"- Checkpoint cost at the default 30 min interval (goal <= 0.5%): {100 * ck['share_default']:.4f}% "
+               f"({'met' if ck['share_default'] <= 0.005 else 'not met'}); one save of the full state takes "
+               f"{1000 * ck['save_s']:.0f} ms for this model.")
+    for cur in curs:
+        r = cur["results"]
+        out.append(f"- Curriculum payoff, budget {' / '.join(map(str, cur['epochs']))} epochs "
+                   f"({cur['curriculum_s']:.1f} s): learned-PCG {r['curriculum']['learned_iters']:.1f} iterations with the "
+                   f"curriculum vs {r['largest only']['learned_iters']:.1f} trained only at n=1024 for the same time "
+                   f"(Jacobi {r['curriculum']['jacobi_iters']:.1f}, IC(0) {r['curriculum'].get('ic0_iters', float('nan')):.1f}, "
+                   f"CG {r['curriculum']['cg_iters']:.1f}); the n=64 stage alone, applied zero-shot at n=1024, "
+                   f"{r['n=64 stage only']['learned_iters']:.1f}.")
+    if len(tight) == 2:
+        a, b = tight
+        out.append(f"- Smallest budget, one epoch from a seeded init: n={a['bucket']} ({a['wall_s']:.1f} s) "
+                   f"{a['result']['learned_iters']:.1f} iterations at n=1024 vs n={b['bucket']} ({b['wall_s']:.1f} s) "
+                   f"{b['result']['learned_iters']:.1f}.")
+    out += ["", "At this tiny scale the model converges in about a second at any n, so equal wall time gives equal "
+            "quality: the curriculum shows no payoff in PCG iterations here beyond the smallest budget, and this "
+            "benchmark does not claim one (differences of 1-2 iterations are seed noise: the two n=64, one-epoch "
+            "runs differ only in their stage name, which seeds the loss's random vectors). "
+            "What it does show is the premise of the curriculum: the same weights apply to every n, and a model "
+            "trained only on n=64 matrices is within a few percent of one trained on n=1024 when both precondition "
+            "n=1024 systems. The payoff would have to come from large buckets whose steps are expensive, which "
+            "this CPU benchmark does not reach.", ""]
+    return out
+
+
 def report(cmd: str, env: dict[str, str], steps: list[dict[str, Any]], mem: list[dict[str, Any]],
-           ck: dict[str, Any], curs: list[dict[str, Any]], counts: dict[int, int], total_s: float) -> str:
+           ck: dict[str, Any], curs: list[dict[str, Any]], tight: list[dict[str, Any]], counts: dict[int, int],
+           total_s: float) -> str:
     lines = ["# Trainer benchmarks", "", f"Command: `{cmd}` (total {total_s / 60:.1f} min)", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines += summary(steps, ck, curs, tight)
     lines += ["## 1. Training step time per bucket", "",
               f"Poisson matrices (5-point, random coefficients), batch {BATCH}, hidden {HIDDEN}, {LAYERS} layers, CPU fp32. "
               "*step* = forward + sketched loss + backward + AdamW; *layers* = the 3 message-passing layers alone "
@@ -324,7 +397,11 @@ def report(cmd: str, env: dict[str, str], steps: list[dict[str, Any]], mem: list
         agg = agg if agg != "-" else "- | -"
         lines.append(f"| {r['n']} | {r['N']} | {r['nnz']} | {r['variant']} | {r['step_ms']:.1f} | {r['step_vs_ref']:.2f} "
                      f"| {r['mp_ms']:.2f} | {r['mp_vs_ref']:.2f} | {agg} |")
-    lines += ["", "Against the goals (ratios of the reference to the alternative):", ""]
+    loads = {r["n"]: r["load"] for r in steps}
+    lines += ["", "1-minute load average before-after each bucket's block (2 cores; above ~1 another process was "
+              "competing, which inflates absolute times; the round-robin order keeps the ratios comparable): "
+              + ", ".join(f"n={n}: {v}" for n, v in loads.items()) + ".",
+              "", "Against the goals (ratios of the reference to the alternative):", ""]
     for n in sorted({r["n"] for r in steps}):
         by = {r["variant"]: r for r in steps if r["n"] == n}
         gcn = next((r for v, r in by.items() if "GCNConv" in v), None)
@@ -375,6 +452,11 @@ def report(cmd: str, env: dict[str, str], steps: list[dict[str, Any]], mem: list
             lines.append(f"| {ep} | {label} | {wall:.1f} | {nsteps} | {r['learned_iters']:.1f} | {r['jacobi_iters']:.1f} | "
                          f"{r.get('ic0_iters', float('nan')):.1f} | {r['cg_iters']:.1f} | {r['iters_vs_jacobi']:.2f} "
                          f"| {r['loss']:.4f} |")
+    for t in tight:
+        r = t["result"]
+        lines.append(f"| 1 (smallest) | n={t['bucket']} only | {t['wall_s']:.1f} | {t['steps']} | {r['learned_iters']:.1f} | "
+                     f"{r['jacobi_iters']:.1f} | {r.get('ic0_iters', float('nan')):.1f} | {r['cg_iters']:.1f} | "
+                     f"{r['iters_vs_jacobi']:.2f} | {r['loss']:.4f} |")
     lines += ["", "Stage wall times (s): " + "; ".join(
         ", ".join(f"{k} {v:.1f}" for k, v in cur["stage_s"].items()) for cur in curs), ""]
     return "\n".join(lines) + "\n"
@@ -419,11 +501,12 @@ def main() -> None:
             curs.append(bench_curriculum(tmp, data, budget, hidden=32, layers=3))
             print(f"  {budget}: " + json.dumps({k: {m: round(v, 2) for m, v in r.items() if m.endswith("iters")}
                                                 for k, r in curs[-1]["results"].items()}), flush=True)
+        tight = bench_tight(tmp, data, hidden=32, layers=3)
         torch.set_num_threads(threads)
     total = time.perf_counter() - t_start
     env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     cmd = ".venv/bin/python benchmarks/bench_train.py" + (" --quick" if args.quick else "")
-    text = report(cmd, env, steps, mem, ck, curs, counts, total)
+    text = report(cmd, env, steps, mem, ck, curs, tight, counts, total)
     out = args.out or (None if args.quick else str(REPO / "benchmarks/results/train.md"))
     if out and not args.no_write:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
