@@ -251,6 +251,7 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
 
     # ---- where the weights come from: own checkpoint > parent's final weights > fresh init
     st = _State()
+    sampler_state: dict[str, int] | None = None
     if dist.is_main:
         clean_temp_files(ckpt_dir)
     barrier(dist)
@@ -268,6 +269,7 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
             scaler.load_state_dict(ck["scaler"])
         restore_rng(ck["rng"][dist.rank], loss_gen)
         st.step, st.elapsed_s, st.last_saved_step, st.resumed_from = int(ck["step"]), float(ck["elapsed_s"]), int(ck["step"]), str(resume)
+        sampler_state = ck.get("sampler")
         del ck
     elif stage.init_from.kind in ("stage", "path"):
         _init_weights(model, stage, loc)
@@ -282,6 +284,8 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
     from progressive.data.loader import ResumableSampler
 
     sampler = ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size, shuffle=True)
+    if sampler_state is not None:
+        sampler.load_state_dict(sampler_state)  # checks the data order's seed; the loop sets the position
     signums = tuple(s for s in {getattr(signal, f"SIG{stage.slurm.signal}", None), signal.SIGINT} if s is not None)
     loader = DataLoader(train_ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=task.collate,
                         num_workers=tc.num_workers, pin_memory=dev.type == "cuda", drop_last=False,
@@ -318,6 +322,8 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
                 "format": FORMAT, "kind": "state", "stage": stage.name, "fingerprint": fingerprint,
                 "step": st.step, "total_steps": total, "epoch": epoch, "epoch_samples": min(in_epoch, per_rank),
                 "train_samples": n_train, "world_size": dist.world_size, "elapsed_s": st.elapsed_s,
+                # The sampler's own record of the position (the trainer recomputes it from `step`).
+                "sampler": {"seed": plan.seed, "epoch": epoch, "start": min(in_epoch, per_rank)},
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": {"kind": "warmup_cosine", "step": st.step, "total": total},
                 "scaler": scaler.state_dict() if use_scaler else None, "rng": rngs,
