@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
