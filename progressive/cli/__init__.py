@@ -11,8 +11,13 @@ typer/click added ~80 ms of imports in our measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
+
+# pydantic scans every installed package's entry points for plugins when the first
+# model class is built (~30 ms): a CLI that must start fast on a login node opts out.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from progressive import __version__
 from progressive.errors import ProgressiveError

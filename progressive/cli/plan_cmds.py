@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from typing import TYPE_CHECKING
+
 from progressive.cli.render import console
-from progressive.config import load_config
-from progressive.plan import Plan, StagePlan, build_plan
+
+if TYPE_CHECKING:
+    from progressive.plan import Plan, StagePlan
+
+# config/plan (pydantic) are imported inside the handlers: `--help` must not pay for them.
 
 DEFAULT_CONFIG = "stages.toml"
 
@@ -51,8 +56,11 @@ def split_stages(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def load_plan(args: argparse.Namespace) -> Plan:
+def load_plan(args: argparse.Namespace) -> "Plan":
     """Config file + options -> Plan (raises ConfigError on a bad file or option)."""
+    from progressive.config import load_config
+    from progressive.plan import build_plan
+
     cfg = load_config(args.config)
     return build_plan(cfg, args.config, run_name=args.run_name, select=split_stages(getattr(args, "stages", None)),
                       counts=data_counts)
@@ -78,7 +86,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_json(plan: Plan) -> dict[str, Any]:
+def plan_json(plan: "Plan") -> dict[str, Any]:
     """The plan as JSON-able data, with each stage's sbatch script."""
     from progressive.slurm import render_script
 
@@ -116,7 +124,7 @@ def _fmt_mb(mb: int | None) -> str:
     return f"{mb / 1024:g}G" if mb >= 1024 else f"{mb}M"
 
 
-def _resources(st: StagePlan) -> str:
+def _resources(st: "StagePlan") -> str:
     """Compact Slurm request: nodes x tasks, cpus/task, gpus/node, mem, partition."""
     s = st.slurm
     parts = [f"{s.nodes}x{s.tasks_per_node}", f"{s.cpus_per_task}c"]
@@ -128,7 +136,7 @@ def _resources(st: StagePlan) -> str:
     return " ".join(parts)
 
 
-def show_plan(plan: Plan) -> None:
+def show_plan(plan: "Plan") -> None:
     """Print the plan table."""
     from rich.table import Table
 
@@ -164,7 +172,7 @@ def show_plan(plan: Plan) -> None:
         con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")
 
 
-def show_scripts(plan: Plan) -> None:
+def show_scripts(plan: "Plan") -> None:
     """Print every stage's sbatch script (dependencies shown as afterok:<parent>)."""
     from rich.rule import Rule
 
