@@ -29,8 +29,8 @@ import hdf5plugin
 import numpy as np
 import torch
 
-from progressive.data.format import DEFAULT_COMPRESSION, _counts, _read_sidecar, open_bucket, open_h5
-from progressive.data.generate import generate, make_sample
+from progressive.data.format import DEFAULT_COMPRESSION, _counts, _read_sidecar, index_path, open_bucket, open_h5
+from progressive.data.generate import make_sample
 from progressive.data.loader import BucketDataset, ResumableSampler, make_loader
 from progressive.data.ops import DatasetWriter
 
@@ -277,18 +277,23 @@ def bench_index(tmp: Path, samples: list, n: int, repeat: int) -> list[str]:
 
 
 def bench_generate(tmp: Path) -> list[str]:
-    out = ["Generating the default dataset (`progressive data generate`: sizes 512..4096, counts "
-           "1200/900/480/144/88/30 = 2842 matrices, poisson, blosc-lz4, every sample checked):", "",
-           "| workers | seconds | file MB |", "|---:|---:|---:|"]
+    """The command a user runs, in a new process: Python start-up and imports included."""
+    out = ["Generating the default dataset: `progressive data generate` (sizes 512..4096, counts "
+           "1200/900/480/144/88/30 = 2842 matrices, poisson, blosc-lz4, every sample checked), as a "
+           "new process; best of 2 alternating runs.", "",
+           "| --workers | seconds | file MB |", "|---:|---:|---:|"]
     best: dict[int, float] = {}
+    size = 0
     for _ in range(2):  # alternate, keep the best: the machine is shared
         for workers in (2, 1):
             p = tmp / f"default_{workers}.h5"
             t = time.perf_counter()
-            generate(p, workers=workers)
+            subprocess.run([sys.executable, "-m", "progressive", "data", "generate", "-o", str(p), "--workers",
+                            str(workers)], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
             best[workers] = min(best.get(workers, float("inf")), time.perf_counter() - t)
             size = p.stat().st_size
             p.unlink()
+            index_path(p).unlink()
     out += [f"| {w} | {t:.1f} | {size / 1e6:.1f} |" for w, t in best.items()]
     out.append(f"\nLoad average when done: {os.getloadavg()[0]:.1f} (other processes share these 2 cores).")
     return out
