@@ -13,6 +13,7 @@ the page cache first (posix_fadvise DONTNEED, only that file); "warm" reads find
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -92,7 +93,7 @@ def write_bucketed(path: Path, samples: list, n: int, compression: str, checksum
 def write_raw(folder: Path, samples: list) -> list[Path]:
     """The same bytes the bucketed file stores (int32 CSR, float32 values), as flat files."""
     folder.mkdir()
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "offsets": np.concatenate([[0], np.cumsum([len(s.data) for s in samples])]).astype(np.int64),
         "indptr": np.stack([s.indptr for s in samples]).astype(np.int32),
         "indices": np.concatenate([s.indices for s in samples]).astype(np.int32),
@@ -163,19 +164,25 @@ def bench_layouts(tmp: Path, samples: list, n: int, repeat: int) -> tuple[list[s
         write_bucketed(files[label], samples, n, comp, ck)
 
     default_path = files["bucketed, blosc-lz4 + fletcher32 (default)"]
+    def evict_all(ps: list[Path]) -> Callable[[], None]:
+        def run() -> None:
+            for p in ps:
+                evict(p)
+        return run
+
     fns: dict[str, Callable[[], object]] = {"raw flat files (np.fromfile), same bytes": lambda: read_raw(raw_paths)}
     paths: dict[str, list[Path]] = {"raw flat files (np.fromfile), same bytes": raw_paths}
     sizes = {"raw flat files (np.fromfile), same bytes": raw_bytes}
     for label, path in files.items():
-        fns[label] = lambda p=path: read_bucketed(p, n)
+        fns[label] = functools.partial(read_bucketed, path, n)
         paths[label], sizes[label] = [path], path.stat().st_size
     label = "default + checks: BucketDataset(in_memory=True).load()"
-    fns[label], paths[label], sizes[label] = lambda: load_dataset(default_path, n), [default_path], default_path.stat().st_size
+    fns[label], paths[label], sizes[label] = functools.partial(load_dataset, default_path, n), [default_path], default_path.stat().st_size
     label = "one group per sample, uncompressed"
-    fns[label], paths[label], sizes[label] = lambda: read_per_sample(per_sample), [per_sample], per_sample.stat().st_size
-    warm = interleaved(fns, repeat)
-    cold = interleaved(fns, max(3, repeat // 3), before={k: (lambda ps=ps: [evict(p) for p in ps]) for k, ps in paths.items()})
-    rows = [(label, warm[label], cold[label]) for label in fns]
+    fns[label], paths[label], sizes[label] = functools.partial(read_per_sample, per_sample), [per_sample], per_sample.stat().st_size
+    warm_s = interleaved(fns, repeat)
+    cold_s = interleaved(fns, max(3, repeat // 3), before={k: evict_all(ps) for k, ps in paths.items()})
+    rows = [(label, warm_s[label], cold_s[label]) for label in fns]
     raw_warm, raw_cold = rows[0][1], rows[0][2]
     out = [f"Load one whole bucket: {len(samples)} Poisson matrices of n={n} ({raw_bytes / 1e6:.1f} MB as stored "
            f"uncompressed: int32 indptr/indices, float32 values and rhs). Best of {repeat} interleaved rounds "

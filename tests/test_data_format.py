@@ -233,7 +233,7 @@ def test_sample_problem_accepts_generated_and_flags_unsorted() -> None:
     swapped[a], swapped[a + 1] = swapped[a + 1], swapped[a]
     assert b - a >= 2
     assert sample_problem(s._replace(indices=swapped)) == "column indices are not sorted and unique within each row"
-    assert sample_problem(Sample(40, s.indptr, s.indices, s.data, s.rhs[0])).startswith("right-hand sides have shape")
+    assert str(sample_problem(Sample(40, s.indptr, s.indices, s.data, s.rhs[0]))).startswith("right-hand sides have shape")
 
 
 def test_output_exists_needs_overwrite(tiny_dataset: Path) -> None:

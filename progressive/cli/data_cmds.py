@@ -25,7 +25,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = sub.add_parser("data", help="generate, inspect, verify, subset, merge and split datasets",
                        description="Make, check and reshape bucketed HDF5 datasets (docs/data-format.md).")
-    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+    def show_help(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(handler=show_help)
     acts = p.add_subparsers(dest="data_command", metavar="ACTION")
 
     def output(q: argparse.ArgumentParser, default: str | None = None) -> None:

@@ -79,10 +79,10 @@ def _grid_operator(a: "np.ndarray", ex: float, ey: float) -> tuple["np.ndarray",
     diag = a * (ex * ((np.arange(nx) == 0) + (np.arange(nx) == nx - 1))[:, None]
                 + ey * ((np.arange(ny) == 0) + (np.arange(ny) == ny - 1))[None, :])
     diag = diag.astype(np.float64)
-    np.add.at(diag, (slice(None, -1), slice(None)), wx)
-    np.add.at(diag, (slice(1, None), slice(None)), wx)
-    np.add.at(diag, (slice(None), slice(None, -1)), wy)
-    np.add.at(diag, (slice(None), slice(1, None)), wy)
+    diag[:-1, :] += wx  # each edge adds its weight to both ends' diagonal
+    diag[1:, :] += wx
+    diag[:, :-1] += wy
+    diag[:, 1:] += wy
     p = np.concatenate([idx[:-1, :].ravel(), idx[:, :-1].ravel()])
     q = np.concatenate([idx[1:, :].ravel(), idx[:, 1:].ravel()])
     w = np.concatenate([wx.ravel(), wy.ravel()])

@@ -75,7 +75,8 @@ class BucketDataset(Dataset[Sample]):
         if not 0 <= i < self.count:
             raise IndexError(f"sample {i} out of range for {self.count} samples of bucket {self.bucket}/{self.split}")
         if self.in_memory:
-            return block_sample(self.n, *self.load(), i)
+            offs, indptr, indices, data, rhs = self.load()
+            return block_sample(self.n, offs, indptr, indices, data, rhs, i)
         return self._handle().read(i)
 
     def load(self) -> tuple[np.ndarray, ...]:

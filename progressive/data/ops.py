@@ -51,11 +51,12 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------- writing
 
 def _filter_kwargs(compression: str) -> dict[str, Any]:
-    if compression == "blosc-lz4" or compression == "blosc-zstd":
+    if compression in ("blosc-lz4", "blosc-zstd"):
         import hdf5plugin
 
-        cname = compression.split("-")[1]
-        return dict(hdf5plugin.Blosc(cname=cname, clevel=5 if cname == "lz4" else 3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+        blosc = (hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE) if compression == "blosc-lz4"
+                 else hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+        return dict(blosc)
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
     if compression == "lzf":
@@ -196,10 +197,10 @@ class DatasetWriter:
                 if f"buckets/{n}/{split}" not in self._f:
                     self._create(n, split, ks[n])
         attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.attrs}
-        for key, value in attrs.items():
+        for name, value in attrs.items():
             if isinstance(value, (list, tuple, dict)):
                 value = json.dumps(value)
-            self._f.attrs[key] = value if not isinstance(value, np.generic) else value.item()
+            self._f.attrs[name] = value if not isinstance(value, np.generic) else value.item()
         self._f.attrs["format"] = FORMAT_NAME
         self._f.attrs["format_version"] = FORMAT_VERSION
         self._f.close()
@@ -468,7 +469,8 @@ def merge(paths: Sequence[str | Path], out: str | Path, *, keep_duplicates: bool
                      "source_history": [_history(a) for a in sources]}],
     }
     seen: dict[str, str] = {}
-    dups, examples, done = 0, [], 0
+    dups, done = 0, 0
+    examples: list[str] = []
     with DatasetWriter(out, attrs=attrs, overwrite=overwrite, compression=compression) as w:
         for p in paths:
             for n in sorted(all_counts[str(p)]):
@@ -511,8 +513,8 @@ def resplit(path: str | Path, out: str | Path, *, seed: int, split: Sequence[flo
         for n in sorted(counts_in):
             labels = assign_splits(sum(counts_in[n].values()), fractions, seed, n)
             j = 0  # position in the pooled order; the writer keeps each target split in this order
-            for split in SPLITS:
-                with open_bucket(path, n, split) as r:
+            for source in SPLITS:
+                with open_bucket(path, n, source) as r:
                     hashes = r.hashes()
                     for i, s in enumerate(iter_samples(r)):
                         w.add(n, SPLITS[labels[j]], s.indptr, s.indices, s.data, s.rhs, digest=hashes[i])
