@@ -115,6 +115,9 @@ class DatasetWriter:
             raise DataError(f"indptr and indices must be integer arrays, got {indptr.dtype} and {indices.dtype}",
                             loc=str(self.path), hint="pass the CSR arrays of a scipy.sparse.csr_matrix")
         s = Sample(int(n), indptr, indices, np.asarray(data, dtype=np.float32), rhs.reshape(1, -1) if rhs.ndim == 1 else rhs)
+        if s.n >= 2**31 - 1 or len(s.data) >= 2**31:  # the file stores int32 index arrays
+            raise DataError(f"matrix too large for format version 1 (n={s.n}, nnz={len(s.data)}; both must be < 2^31)",
+                            loc=str(self.path), hint="split the problem, or ask for a format with int64 indices")
         if self.verify:
             problem = sample_problem(s)
             if problem:
