@@ -63,10 +63,11 @@ def _ddp_env(env: dict[str, Any]) -> None:
     })
 
 
-def _wait_to_be_killed(seconds: float) -> None:
-    """After `scontrol requeue` (or with no requeue left) Slurm ends this process; don't end it ourselves.
+def _wait_for_time_limit(seconds: float) -> None:
+    """With no requeue left, let Slurm end the job at its limit so it is recorded as TIMEOUT.
 
-    Exiting first could let the step finish as COMPLETED, which would start the dependents early.
+    Exiting first would record FAILED (or COMPLETED, which would start the dependents on a
+    stage whose final weights do not exist).
     """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -101,12 +102,18 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
 
     outcome = train_stage(plan, stage, stop_requested=flag)
     if outcome.status == "completed":
+        # A pre-timeout signal that lands now must not kill us on the way out: Python restores
+        # default handlers during shutdown, and USR1/USR2's default is to terminate, which
+        # Slurm would record as FAILED and so block the dependents.
+        signal.signal(timeout_sig, signal.SIG_IGN)
         log.info("stage %s completed at step %d", stage.name, outcome.step)
         return {"stage": stage.name, "status": "completed", "step": outcome.step}
 
     log.info("stage %s stopped at step %d/%d, checkpoint %s", stage.name, outcome.step, outcome.total_steps, outcome.checkpoint)
     if rank != 0:
-        _wait_to_be_killed(300)
+        # Rank 0 saved the checkpoint (the trainer waited for it) and decides about the requeue;
+        # the job lives until rank 0 exits.
+        sys.exit(0)
     if flag.signum != timeout_sig:
         # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
         sys.exit(1)
@@ -117,9 +124,12 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
         record.set_requeue_count(stage_dir, job_id, used + 1)
         log.info("requeueing job %s (time-out requeue %d of %d)", env["job_id"], used + 1, stage.slurm.max_requeues)
         slurm.requeue(job_id)
-    else:
-        log.warning("requeues used up (%d): the job ends as TIMEOUT; continue with `progressive resume %s`",
-                    used, plan.run_name)
-    _wait_to_be_killed(stage.slurm.signal_delay + 300)
+        # Slurm has the job back in its queue under the same id; leaving now spares the requeue
+        # Slurm's KillWait. Exit non-zero: should the requeue somehow not have taken, the job
+        # must not count as COMPLETED (its dependents would start without final weights).
+        sys.exit(1)
+    log.warning("requeues used up (%d): the job ends as TIMEOUT; continue with `progressive resume %s`",
+                used, plan.run_name)
+    _wait_for_time_limit(stage.slurm.signal_delay + 300)
     return {}  # not reached
 
