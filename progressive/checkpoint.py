@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from progressive.atomic import is_temp, replacing
 from progressive.errors import CheckpointError
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 FORMAT = "progressive.checkpoint/1"
 FINAL_NAME = "final.pt"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
-_TMP_MARK = ".tmp-"
 
 
 # --------------------------------------------------------------------------- writing
@@ -49,34 +49,9 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     Readers see either the old file or the complete new one, never a partial write,
     even if the process is killed (SIGKILL at a time limit) or the node loses power.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; some filesystems (and Windows) cannot open a folder: best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def step_path(stage_dir: str | Path, step: int) -> Path:
@@ -98,7 +73,7 @@ def clean_temp_files(stage_dir: str | Path) -> list[Path]:
     folder = Path(stage_dir)
     if not folder.is_dir():
         return []
-    leftovers = [p for p in folder.iterdir() if p.name.startswith(".") and _TMP_MARK in p.name]
+    leftovers = [p for p in folder.iterdir() if is_temp(p)]
     for p in leftovers:
         p.unlink(missing_ok=True)
     return leftovers

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from progressive import atomic
 from progressive.errors import RunError
 from progressive.plan import Plan
 
@@ -106,28 +106,7 @@ def load(run_dir: str | Path) -> RunRecord:
 def save(rec: RunRecord) -> None:
     """Write the record atomically; the old one stays valid until the new one is complete."""
     rec.updated_at = now_iso()
-    write_atomic(record_path(rec.run_dir), rec.model_dump_json(indent=2))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic.write_text(record_path(rec.run_dir), rec.model_dump_json(indent=2))
 
 
 @contextlib.contextmanager
@@ -172,7 +151,7 @@ def requeue_count(stage_dir: Path, job_id: str | None) -> int:
 
 def set_requeue_count(stage_dir: Path, job_id: str, count: int) -> None:
     """Record the time-out requeues used by job `job_id` (written by the job itself, atomically)."""
-    write_atomic(stage_dir / "requeues.json", json.dumps({"job_id": str(job_id), "timeouts": count}))
+    atomic.write_text(stage_dir / "requeues.json", json.dumps({"job_id": str(job_id), "timeouts": count}))
 
 
 def tail_objects(path: str | Path, max_bytes: int = 65536) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from progressive import checkpoint as ck
+from progressive.atomic import TMP_MARK
 from progressive.errors import CheckpointError
 
 
@@ -42,7 +43,7 @@ def test_crash_between_temp_write_and_rename_keeps_previous(tmp_path: Path, monk
 
 def test_temp_file_of_a_killed_writer_is_ignored_then_cleaned(tmp_path: Path) -> None:
     ck.save_atomic(state(1), ck.step_path(tmp_path, 1))
-    torn = tmp_path / f".step_00000002.pt{ck._TMP_MARK}4242"  # what SIGKILL mid-write leaves behind
+    torn = tmp_path / f".step_00000002.pt{TMP_MARK}4242"  # what SIGKILL mid-write leaves behind
     torn.write_bytes(b"PK\x03\x04 half a zip")
     assert ck.latest_checkpoint(tmp_path) == ck.step_path(tmp_path, 1)
     assert ck.clean_temp_files(tmp_path) == [torn] and not torn.exists()
