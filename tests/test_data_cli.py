@@ -90,6 +90,22 @@ def test_data_without_action_shows_help() -> None:
     assert proc.returncode == 2 and "generate" in proc.stdout and "inspect" in proc.stdout
 
 
+def _workers_ready(pgid: int) -> int:
+    """Processes of the group that ignore SIGTERM: the generator's workers once initialised."""
+    ready = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            if os.getpgid(int(status.parent.name)) != pgid:
+                continue
+        except (OSError, ProcessLookupError):
+            continue
+        ignored = int(next(line for line in text.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        ready += bool(ignored & (1 << (signal.SIGTERM - 1)))
+    return ready
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc to see the workers start")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_nothing(tmp_path: Path, sig: int) -> None:
     # Ctrl-C in a terminal (SIGINT) and scancel (SIGTERM) signal the whole process group:
@@ -98,10 +114,10 @@ def test_interrupt_leaves_nothing(tmp_path: Path, sig: int) -> None:
                              "--counts", "3000", "--workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+    # Wait for the temp file and for both workers to be past their start-up (ignoring SIGTERM).
+    while not (any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and _workers_ready(proc.pid) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    time.sleep(1.0)  # let the workers start producing
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -110,23 +110,40 @@ def _prepare_output(args: argparse.Namespace) -> Path:
     return out
 
 
-def _as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar; yields the `progress(done, total)` callback the library calls.
 
-    While it runs, SIGTERM and SIGHUP (scancel, a closed terminal) interrupt like Ctrl-C, so the
-    writer deletes its temp file instead of dying with it on disk.
+    While it runs, Ctrl-C, SIGTERM (scancel) and SIGHUP (a closed terminal) only set a flag, and
+    the callback raises KeyboardInterrupt at its next call: the library then deletes its temp file
+    and stops its workers. Raising from the signal handler itself could land anywhere, e.g. in a
+    weakref callback where Python swallows it (seen in testing: the run went on and finished).
+    A second signal interrupts at once.
     """
     from progressive.cli.render import console
 
-    previous = {sig: signal.signal(sig, _as_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with _bar(label, console()) as update:
-            yield update
+            def checked(done: int, total: int) -> None:
+                if caught:
+                    raise KeyboardInterrupt
+                update(done, total)
+
+            try:
+                # A signal after the last call finds the work complete and the file in place: let it be.
+                yield checked
+            except DataError:
+                if caught:  # e.g. workers killed by the same signal before they could ignore it
+                    raise KeyboardInterrupt from None
+                raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

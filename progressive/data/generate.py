@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import multiprocessing.pool
+import os
 import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -176,10 +180,30 @@ def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
     return out
 
 
+_JOB_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _worker_init() -> None:
-    # Ctrl-C reaches the whole process group; the parent alone reacts (deletes its temp file,
-    # terminates the pool). SIGTERM keeps its default, so that terminate() and scancel end workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Pool worker start-up: ignore job signals, and exit if the parent goes away.
+
+    Ctrl-C, scancel's SIGTERM and SIGHUP reach the whole process group; the parent alone reacts
+    (deletes its temp file, cancels the pool) and the workers end after their current task. A
+    worker killed mid-task could die halfway through sending a result, which hangs the executor,
+    hence the ignoring. (A signal that arrives while the workers start, before this runs, can
+    still kill one: the pool then reports itself broken, and the command ends all the same, with
+    Python 3.11 possibly printing a stray thread traceback, CPython gh-107219.) Should the parent
+    die without cleaning up, the forkserver (our parent) exits with it, and the watchdog notices.
+    """
+    for sig in _JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
 
 
 def _tasks(family: str, sizes: Sequence[int], counts: Sequence[int], seed: int, rhs: int) -> Iterator[tuple[str, int, int, int, int, int]]:
@@ -203,7 +227,8 @@ def generate(path: str | Path, *, sizes: Sequence[int] = DEFAULT_SIZES, counts: 
         split: train/val/test fractions.
         rhs: right-hand sides per sample.
         workers: processes building matrices (1: in this process).
-        progress: called as progress(done, total) after each batch of samples.
+        progress: called as progress(done, total) after each batch of samples; it may raise (the CLI
+            raises KeyboardInterrupt there after a signal) to stop: then nothing is written.
     """
     from progressive import __version__
 
@@ -231,9 +256,13 @@ def generate(path: str | Path, *, sizes: Sequence[int] = DEFAULT_SIZES, counts: 
                      "split": list(fractions), "rhs": rhs}],
     }
     tasks = list(_tasks(family, sizes, counts, seed, rhs))
-    pool = _pool(workers) if workers > 1 and len(tasks) > 1 else None
+    pool: ProcessPoolExecutor | None = None
     try:
-        chunks: Iterator[Chunk] = pool.imap(_make_chunk, tasks) if pool is not None else map(_make_chunk, tasks)
+        if workers > 1 and len(tasks) > 1:
+            pool = _pool(workers)
+            chunks: Iterator[Chunk] = pool.map(_make_chunk, tasks)
+        else:
+            chunks = map(_make_chunk, tasks)
         with DatasetWriter(path, attrs=attrs, overwrite=overwrite, compression=compression, verify=False) as w:
             done = 0
             for chunk in chunks:
@@ -242,21 +271,27 @@ def generate(path: str | Path, *, sizes: Sequence[int] = DEFAULT_SIZES, counts: 
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
-            return {n: dict(c) for n, c in w.counts.items()}
+        return {n: dict(c) for n, c in w.counts.items()}
+    except BrokenProcessPool:
+        raise DataError("a worker process died (killed by a signal, or out of memory); nothing was written",
+                        loc=str(path), hint="run it again, with --workers 1 if memory is short") from None
     finally:
         if pool is not None:
-            # Done or interrupted, the workers go now: terminate() does not wait for queued tasks.
-            pool.terminate()
-            pool.join()
+            # Interrupted: drop the queued tasks; the workers end after their current one (~50 ms;
+            # they ignore the signal) or are gone already (a broken pool ends at once). Waiting here
+            # rather than in Python's exit hook avoids its teardown races (stray thread tracebacks).
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool(workers: int) -> "multiprocessing.pool.Pool":
+def _pool(workers: int) -> ProcessPoolExecutor:
     # forkserver, not fork: the parent runs threads (the progress bar), and forking a threaded
     # process can deadlock. The server preloads what workers need instead of the default
     # `__main__`, which in a script or notebook may import torch (2.5 s measured) for nothing.
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies, Pool silently replaces it
+    # and can wait forever for the lost task; the executor reports a broken pool instead.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["progressive.data.generate", "numpy", "scipy.sparse", "scipy.spatial"])
-    return ctx.Pool(workers, initializer=_worker_init)
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
 
 
 # `progressive demo` (cli/run_cmds.py) calls it by this name.
