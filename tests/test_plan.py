@@ -137,3 +137,21 @@ def test_plan_and_help_do_not_import_torch(tmp_path: Path) -> None:
         assert "NO-TORCH" in proc.stdout, (args, proc.stdout[-300:], proc.stderr[-500:])
     proc = subprocess.run([sys.executable, "-c", code, "plan"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "NO-SUBMITIT" in proc.stdout  # the table alone needs no submitit either
+
+
+def test_plan_reads_real_counts_and_writes_nothing(tmp_path: Path, tiny_dataset: Path) -> None:
+    """Real HDF5 data, its sidecar index removed: plan reads the counts from the file and writes no new index."""
+    import shutil
+
+    data = tmp_path / "d.h5"
+    shutil.copy(tiny_dataset, data)
+    (tmp_path / "stages.toml").write_text(graph_toml([{"name": "a", "bucket": 16}, {"name": "b", "bucket": 64},
+                                                      {"name": "c", "bucket": 48}], head=HEAD))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = run_cli("plan", "--json", cwd=tmp_path, check=True).stdout
+    stages = {s["name"]: s for s in json.loads(out)["stages"]}
+    assert stages["a"]["samples"]["train"] > 0 and sum(stages["b"]["samples"].values()) == 6
+    assert stages["c"]["samples"] == {"train": 0, "val": 0, "test": 0}
+    table = run_cli("plan", cwd=tmp_path, check=True).stdout
+    assert "missing" in table  # bucket 48 has no samples
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

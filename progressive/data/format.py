@@ -68,12 +68,13 @@ def index_path(path: str | Path) -> Path:
     return path.with_name(path.name + INDEX_SUFFIX)
 
 
-def bucket_counts(path: str | Path) -> dict[int, dict[str, int]]:
+def bucket_counts(path: str | Path, *, refresh_sidecar: bool = True) -> dict[int, dict[str, int]]:
     """Samples per bucket and split: {n: {"train": k, "val": k, "test": k}}.
 
     Answers from the sidecar index when it matches the file's size and mtime (no numpy, no h5py:
-    a few milliseconds), else from the HDF5 metadata (the matrices are never read) and refreshes the
-    sidecar if the folder is writable. Raises DataError for a missing, corrupt or foreign file.
+    a few milliseconds), else from the HDF5 metadata (the matrices are never read) and, with
+    `refresh_sidecar`, rewrites the sidecar if the folder is writable (`plan` passes False: it
+    writes nothing). Raises DataError for a missing, corrupt or foreign file.
     """
     path = Path(path)
     try:
@@ -87,10 +88,11 @@ def bucket_counts(path: str | Path) -> dict[int, dict[str, int]]:
         return cached
     with open_h5(path) as f:
         counts = _counts(f)
-    try:
-        write_sidecar(path, counts)
-    except OSError:
-        pass  # a cache only: a read-only data folder must not break `plan`
+    if refresh_sidecar:
+        try:
+            write_sidecar(path, counts)
+        except OSError:
+            pass  # a cache only: a read-only data folder must not break anything
     return counts
 
 

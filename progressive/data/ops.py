@@ -33,6 +33,7 @@ from progressive.data.format import (
     sample_problem,
     write_sidecar,
 )
+from progressive.atomic import fsync_dir
 from progressive.errors import DataError
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class DatasetWriter:
             os.fsync(fh.fileno())
         index_path(self.path).unlink(missing_ok=True)  # never leave a sidecar describing the old file
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         write_sidecar(self.path, self.counts)
         self._done = True
         return self.path
@@ -234,19 +235,6 @@ class DatasetWriter:
             self.commit()
         else:
             self.abort()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse directory fsync; the rename itself is still atomic
-    finally:
-        os.close(fd)
 
 
 
