@@ -237,7 +237,6 @@ class DatasetWriter:
             self.abort()
 
 
-
 # --------------------------------------------------------------------------- splits
 
 def split_counts(total: int, fractions: Sequence[float]) -> tuple[int, ...]:
