@@ -154,3 +154,14 @@ def test_missing_file_via_cli(tmp_path: Path) -> None:
     proc = run_cli("plan", "-c", str(tmp_path / "nope.toml"), cwd=tmp_path)
     assert proc.returncode == 2
     assert "nope.toml: file not found" in proc.stderr and "-c PATH" in proc.stderr
+
+
+def test_schema_command_prints_json_schema(tmp_path: Path) -> None:
+    import json
+
+    proc = run_cli("schema", cwd=tmp_path, check=True)
+    schema = json.loads(proc.stdout)
+    assert schema["title"].startswith("progressive stage graph")
+    stage = schema["$defs"]["StageConfig"]
+    assert {"name", "bucket", "batch_size", "epochs", "init_from", "partition", "lr"} <= set(stage["properties"])
+    assert stage["additionalProperties"] is False

@@ -79,8 +79,11 @@ def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, tiny_dataset
                       stage("s16", 16, 4, 2, 'init_from = "none"') + stage("s32", 32, 2, 2) + stage("s64", 64, 2, 2))
     submit(cfg)
     jobs = tmp_path / "jobs"
+    again = run_cli("submit", "-c", str(cfg), cwd=tmp_path, env=ENV)  # the chain is live: refused, nothing submitted
+    assert again.returncode == 1 and "still has live jobs" in again.stderr and "--run-name" in again.stderr
     final = wait_for(lambda: all_done("chain", jobs), 240, "the 3-stage chain to complete")
     rec = record(jobs, "chain")
+    assert all(len(rec["stages"][n]["submissions"]) == 1 for n in ("s16", "s32", "s64"))
     ids = [rec["stages"][n]["submissions"][0]["job_id"] for n in ("s16", "s32", "s64")]
     assert rec["stages"]["s32"]["submissions"][0]["dependency"] == f"afterok:{ids[0]}"
     assert rec["stages"]["s64"]["submissions"][0]["dependency"] == f"afterok:{ids[1]}"
