@@ -14,32 +14,16 @@ set -euo pipefail
 STATE=${PROGRESSIVE_SLURM_DIR:-/var/lib/progressive-slurm}
 RUN=$STATE/run
 
-say() { printf 'slurm-down: %s\n' "$*"; }
-die() { printf 'slurm-down: ERROR: %s\n' "$*" >&2; exit 1; }
+SLURM_PROG=slurm-down
+# shellcheck source=SCRIPTDIR/slurm-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 
-[[ $(id -u) -eq 0 ]] || die "must run as root"
+require_root
 if [[ ! -d $RUN ]]; then
     say "nothing to stop ($RUN does not exist)"
     exit 0
 fi
-exec 9>"$STATE/.lock"
-flock -w 120 9 || die "another slurm-up/slurm-down/slurm-accounting holds $STATE/.lock"
-
-# alive PID: the process exists and is not a zombie
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    [[ $(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) != Z ]]
-}
-
-# pid_of PIDFILE COMM: print the pid when the pid file names a live process called COMM
-pid_of() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    alive "$pid" || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
-    echo "$pid"
-}
+take_lock 120
 
 # stop NAME PIDFILE COMM: SIGTERM, wait up to 20 s, then SIGKILL
 stop() {
@@ -49,12 +33,7 @@ stop() {
         return 0
     fi
     say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 80); do
-        alive "$pid" || break
-        sleep 0.25
-    done
-    if alive "$pid"; then
+    if ! term_wait "$pid" 80; then
         say "$name did not exit on SIGTERM: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.5
@@ -73,11 +52,7 @@ if [[ -e $RUN/mariadb.started-by-us ]]; then
         say "stopping MariaDB (pid $pid)"
         # mysqladmin shutdown also ends mysqld_safe (it does not restart a clean exit)
         mysqladmin --connect-timeout=5 shutdown 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 120); do
-            alive "$pid" || break
-            sleep 0.25
-        done
-        alive "$pid" && die "MariaDB (pid $pid) is still running after 30 s"
+        wait_gone "$pid" 120 || die "MariaDB (pid $pid) is still running after 30 s"
         stopped=$((stopped + 1))
     fi
     rm -f "$RUN/mariadb.started-by-us"
@@ -86,11 +61,7 @@ fi
 if [[ -e $RUN/munge.started-by-us ]]; then
     if pid=$(pid_of /run/munge/munged.pid munged); then
         say "stopping munge (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do
-            alive "$pid" || break
-            sleep 0.25
-        done
+        term_wait "$pid" 40 || true
         stopped=$((stopped + 1))
     fi
     rm -f "$RUN/munge.started-by-us"

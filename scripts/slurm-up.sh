@@ -33,32 +33,16 @@ LOG=$STATE/log
 PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
 
 T0=$(date +%s%N)
-say() { printf 'slurm-up: %s\n' "$*"; }
-die() { printf 'slurm-up: ERROR: %s\n' "$*" >&2; exit 1; }
+SLURM_PROG=slurm-up
+# shellcheck source=SCRIPTDIR/slurm-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 
-# die with the tail of a log file (or several)
-die_log() {
-    local msg=$1; shift
-    printf 'slurm-up: ERROR: %s\n' "$msg" >&2
-    local f
-    for f in "$@"; do
-        if [[ -s $f ]]; then
-            printf -- '----- last lines of %s -----\n' "$f" >&2
-            tail -n 25 "$f" >&2
-        fi
-    done
-    exit 1
-}
-
-[[ $(id -u) -eq 0 ]] || die "must run as root (starts munge, MariaDB and the Slurm daemons)"
+require_root "starts munge, MariaDB and the Slurm daemons"
 
 mkdir -p "$STATE" "$RUN" "$LOG" "$STATE/ctld" "$STATE/slurmd"
 chmod 755 "$STATE"
 trap 'rm -f "$STATE"/.slurm.conf.?????? "$STATE"/.gres.conf.?????? "$STATE"/.slurmdbd.conf.??????' EXIT
-# One slurm-up/slurm-down/slurm-accounting at a time.  Daemons are started with
-# "9>&-" so that they do not inherit (and hold) this lock.
-exec 9>"$STATE/.lock"
-flock -w 300 9 || die "another slurm-up/slurm-down/slurm-accounting holds $STATE/.lock"
+take_lock 300
 
 # ---------------------------------------------------------------- packages
 missing=()
@@ -80,73 +64,11 @@ fi
 export SLURM_CONF=$STATE/slurm.conf
 
 # ---------------------------------------------------------------- helpers
-# alive PID: the process exists and is not a zombie
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    [[ $(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) != Z ]]
-}
-
-# pid_alive PIDFILE COMM: the pid file names a live process whose comm is COMM
-pid_alive() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    alive "$pid" || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
-}
-
-# wait_for SECONDS CMD...: retry CMD until it succeeds, every 0.5 s
-wait_for() {
-    local secs=$1; shift
-    local end=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < end)) || return 1
-        sleep 0.5
-    done
-}
-
-# wait_daemon SECONDS PIDFILE COMM CMD...: like wait_for, but give up early when the
-# daemon has died (its pid file names no live process for 3 s)
-wait_daemon() {
-    local secs=$1 pidfile=$2 comm=$3; shift 3
-    local end=$((SECONDS + secs)) dead=0
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < end)) || return 1
-        if pid_alive "$pidfile" "$comm"; then dead=0; else dead=$((dead + 1)); fi
-        ((dead < 6)) || return 1
-        sleep 0.5
-    done
-}
-
-# stop_pid PIDFILE COMM: TERM, wait, KILL
-stop_pid() {
-    local pid
-    pid_alive "$1" "$2" || return 0
-    pid=$(cat "$1")
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 60); do
-        alive "$pid" || return 0
-        sleep 0.25
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-}
-
+# (alive, pid_alive, wait_for, wait_daemon, stop_pid, ctld_ok, sacct_ok, node_state,
+# node_usable, ... are in slurm-lib.sh)
 munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 mysql_ok() { mysqladmin --connect-timeout=2 ping >/dev/null 2>&1; }
 sacctmgr_ok() { timeout 10 sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1; }
-sacct_ok() { timeout 10 sacct -n -X -S now-1hours -o JobID >/dev/null 2>&1; }
-ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
-
-node_state() { timeout 10 sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n1; }
-node_usable() {
-    local s
-    s=$(node_state)
-    case $s in
-        idle | mixed | allocated | completing) return 0 ;;
-        *) return 1 ;;
-    esac
-}
 
 # install_file SRC DEST MODE: replace DEST by SRC when they differ; returns 0 when changed
 install_file() {
@@ -356,12 +278,11 @@ EOF
 # ---------------------------------------------------------------- slurmdbd
 if ((dbd_changed)) && pid_alive "$RUN/slurmdbd.pid" slurmdbd; then
     say "slurmdbd.conf changed: restarting slurmdbd"
-    stop_pid "$RUN/slurmdbd.pid" slurmdbd
+    stop_pid "$RUN/slurmdbd.pid" slurmdbd 60
 fi
 if ! pid_alive "$RUN/slurmdbd.pid" slurmdbd; then
     say "starting slurmdbd"
-    slurmdbd 9>&- </dev/null >>"$LOG/slurmdbd-start.log" 2>&1 ||
-        die_log "slurmdbd failed to start" "$LOG/slurmdbd.log" "$LOG/slurmdbd-start.log"
+    start_daemon slurmdbd
 fi
 wait_daemon "$TIMEOUT" "$RUN/slurmdbd.pid" slurmdbd sacctmgr_ok || die_log "slurmdbd does not answer (sacctmgr show cluster)" "$LOG/slurmdbd.log" "$LOG/mariadb.log"
 if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; then
@@ -375,19 +296,17 @@ if ((slurm_changed)); then
     if pid_alive "$RUN/slurmctld.pid" slurmctld || pid_alive "$RUN/slurmd.pid" slurmd; then
         say "slurm.conf/gres.conf changed: restarting slurmctld and slurmd"
     fi
-    stop_pid "$RUN/slurmd.pid" slurmd
-    stop_pid "$RUN/slurmctld.pid" slurmctld
+    stop_pid "$RUN/slurmd.pid" slurmd 60
+    stop_pid "$RUN/slurmctld.pid" slurmctld 60
 fi
 if ! pid_alive "$RUN/slurmctld.pid" slurmctld; then
     say "starting slurmctld"
-    slurmctld 9>&- </dev/null >>"$LOG/slurmctld-start.log" 2>&1 ||
-        die_log "slurmctld failed to start" "$LOG/slurmctld.log" "$LOG/slurmctld-start.log"
+    start_daemon slurmctld
 fi
-wait_daemon "$TIMEOUT" "$RUN/slurmctld.pid" slurmctld ctld_ok || die_log "slurmctld does not answer (scontrol ping)" "$LOG/slurmctld.log"
+wait_ctld
 if ! pid_alive "$RUN/slurmd.pid" slurmd; then
     say "starting slurmd"
-    slurmd 9>&- </dev/null >>"$LOG/slurmd-start.log" 2>&1 ||
-        die_log "slurmd failed to start" "$LOG/slurmd.log" "$LOG/slurmd-start.log"
+    start_daemon slurmd
 fi
 
 # wait for the node; a node left DRAINED/DOWN by an earlier run is resumed once
@@ -413,7 +332,7 @@ until node_usable; do
     fi
     sleep 0.5
 done
-wait_for "$TIMEOUT" sacct_ok || die_log "sacct does not answer" "$LOG/slurmdbd.log" "$LOG/slurmctld.log"
+wait_sacct
 
 # the default config path must work for plain commands
 env -u SLURM_CONF sinfo -h >/dev/null 2>&1 || die "plain 'sinfo' (via $ETC_SLURM/slurm.conf) fails"
