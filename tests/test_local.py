@@ -95,6 +95,12 @@ def test_completed_stage_is_not_resubmitted(tmp_path: Path, tiny_dataset: Path) 
     again = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)
     assert again.returncode == 1
     assert "already completed in run 'twice'" in again.stderr and "--run-name" in again.stderr
+    unknown = run_cli("logs", "twice", "zz", cwd=tmp_path)
+    assert unknown.returncode == 1 and "no stage named 'zz' in run 'twice'" in unknown.stderr and "valid stages: a, b" in unknown.stderr
+    extra = run_cli("logs", "twice", "a", "b", cwd=tmp_path)
+    assert extra.returncode == 1 and "expected [RUN] STAGE" in extra.stderr
+    bad_cancel = run_cli("cancel", "twice", "--stages", "a,zz", cwd=tmp_path)
+    assert bad_cancel.returncode == 1 and "no stage named zz" in bad_cancel.stderr
     only_b = run_cli("submit", "--local", "-c", str(cfg), "--stages", "b", "--run-name", "twice-b", cwd=tmp_path, env=ENV)
     assert only_b.returncode == 1  # b's parent has no final weights under this run name
     assert "parent 'a' is not selected and has no final checkpoint" in only_b.stderr
