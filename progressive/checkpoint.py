@@ -14,17 +14,19 @@ new one either complete or absent.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported by the functions that need them: finding checkpoints
+# (`latest_checkpoint`, used by `progressive status` on a login node) must stay torch-free.
 
 from progressive.atomic import is_temp, replacing
 from progressive.errors import CheckpointError
@@ -49,6 +51,8 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     Readers see either the old file or the complete new one, never a partial write,
     even if the process is killed (SIGKILL at a time limit) or the node loses power.
     """
+    import torch
+
     with replacing(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -124,8 +128,10 @@ def latest_checkpoint(stage_dir: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, map_location: "str | torch.device" = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; any failure is a CheckpointError naming the file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint file not found", loc=str(path),
@@ -148,6 +154,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state_dict in a checkpoint: ours (final or full-state) or a plain `torch.save(state_dict)`."""
+    import torch
+
     obj = load_checkpoint(path)
     weights = obj["model"] if obj.get("format") == FORMAT or isinstance(obj.get("model"), dict) else obj
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -189,6 +197,9 @@ def check_fingerprint(ckpt: Mapping[str, Any], expected: Mapping[str, Any], path
 
 def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
     """Python, numpy, torch (CPU and CUDA) RNG states and an optional generator's, as tensors and numbers."""
+    import numpy as np
+    import torch
+
     version, state, gauss = random.getstate()
     np_name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     out: dict[str, Any] = {
@@ -204,6 +215,9 @@ def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
 
 def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
     """Undo `capture_rng`: put every RNG (and `generator`, if given and saved) back where it was."""
+    import numpy as np
+    import torch
+
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     nps = state["numpy"]

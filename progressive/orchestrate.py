@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from progressive import record
-from progressive.errors import RunError
+from progressive.errors import CheckpointError, RunError
 from progressive.plan import Plan, StagePlan, missing_inputs
 from progressive.record import SUBMITIT_DIR, RunRecord, Submission, now_iso
 
@@ -58,12 +58,14 @@ class ResumeAction:
 
 
 def latest_checkpoint_file(stage: StagePlan) -> Optional[str]:
-    """The newest periodic/stop checkpoint file of a stage (by name order), torch-free."""
-    d = Path(stage.checkpoint_dir)
-    if not d.is_dir():
-        return None
-    files = sorted(p for p in d.glob("*.pt") if p.name != "final.pt" and not p.name.startswith("."))
-    return str(files[-1]) if files else None
+    """The stage's newest intact full-state checkpoint, as the trainer would resume it (None if none)."""
+    from progressive.checkpoint import latest_checkpoint
+
+    try:
+        found = latest_checkpoint(stage.checkpoint_dir)
+    except CheckpointError:
+        return None  # every file torn: the trainer says so when the stage runs; status shows none
+    return str(found) if found else None
 
 
 def is_complete(stage: StagePlan) -> bool:
@@ -86,6 +88,10 @@ def submit(plan: Plan, config_text: str, *, job_fn: JobFn, local: bool = False) 
     if problems:
         raise RunError("cannot submit: " + "; ".join(problems), loc=plan.config_path,
                        hint="generate the data (`progressive data generate`), or run the parent stages first")
+    wide = [st for st in plan.stages if st.world_size > 1]
+    if local and wide:
+        raise RunError(f"stage(s) {', '.join(st.name for st in wide)} ask for {wide[0].world_size} processes", loc="--local",
+                       hint="local mode runs one process per stage: set tasks_per_node = 1 and nodes = 1")
     if not local and not slurm.slurm_available():
         raise RunError("Slurm is not available on this machine (no sbatch/srun on PATH)", loc="submit",
                        hint="run the graph here with `progressive submit --local`")
@@ -104,22 +110,35 @@ def submit(plan: Plan, config_text: str, *, job_fn: JobFn, local: bool = False) 
         rec = _new_record(plan, config_text, local, old)
         if local:
             record.save(rec)
-            return rec
-        submitted: list[str] = []
-        try:
-            ids: dict[str, str] = {}
-            for st in plan.stages:
-                dep = _afterok([ids[p] for p in st.depends_on if p in ids])
-                job_id = slurm.submit_stage(plan, st, dep, job_fn, plan.run_dir, st.name)
-                submitted.append(job_id)
-                ids[st.name] = job_id
-                rec.stages[st.name].submissions.append(Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep))
-            record.save(rec)
-        except BaseException:
-            # No half-submitted chain: take back what this call submitted.
-            slurm.cancel(submitted)
-            raise
+        else:
+            # Parents outside the selection are complete (checked above): no dependency on them.
+            _submit_chain(rec, list(plan.stages), lambda parent: None, job_fn, reason="submit")
         return rec
+
+
+def _submit_chain(rec: RunRecord, stages: list[StagePlan], live_parent_job: Callable[[str], str | None],
+                  job_fn: JobFn, *, reason: str) -> dict[str, Submission]:
+    """Submit `stages` in order, each afterok its parents' jobs, record them and save the record.
+
+    A parent submitted in this call is depended on through its new job; any other parent
+    through `live_parent_job(name)` (None: nothing to wait for). If any sbatch fails, every job
+    this call submitted is cancelled and the record is not saved: no half-submitted chain.
+    """
+    from progressive import slurm
+
+    new: dict[str, Submission] = {}
+    try:
+        for st in stages:
+            parents = [new[p].job_id if p in new else live_parent_job(p) for p in st.depends_on]
+            dep = _afterok([j for j in parents if j])
+            job_id = slurm.submit_stage(rec.plan, st, dep, job_fn, rec.plan.run_dir, st.name)
+            new[st.name] = Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep, reason=reason)
+            rec.stages.setdefault(st.name, record.StageRecord()).submissions.append(new[st.name])
+        record.save(rec)
+    except BaseException:
+        slurm.cancel([sub.job_id for sub in new.values()])
+        raise
+    return new
 
 
 def _new_record(plan: Plan, config_text: str, local: bool, old: RunRecord | None) -> RunRecord:
@@ -238,28 +257,17 @@ def resume(rec: RunRecord, *, job_fn: JobFn, dry_run: bool = False) -> list[Resu
         if not slurm.slurm_available():
             raise RunError("Slurm is not available on this machine", loc="resume",
                            hint="this run was submitted to Slurm; resume it where Slurm is")
-        current = {name: s.job_id for name, s in rec.stages.items()}
-        submitted: list[str] = []
-        try:
-            for act in actions:
-                if not act.action.endswith("submit"):
-                    continue
-                st = rec.plan.stage(act.stage)
-                if act.old_job and act.action == "cancel+submit":
-                    slurm.cancel([act.old_job])
-                parents = [current[p] for p in st.depends_on
-                           if current.get(p) and not is_complete(rec.plan.stage(p))]
-                dep = _afterok([p for p in parents if p])
-                job_id = slurm.submit_stage(rec.plan, st, dep, job_fn, rec.plan.run_dir, st.name)
-                submitted.append(job_id)
-                act.new_job, act.dependency = job_id, dep
-                current[st.name] = job_id
-                rec.stages.setdefault(st.name, record.StageRecord()).submissions.append(
-                    Submission(job_id=job_id, submitted_at=now_iso(), dependency=dep, reason="resume"))
-            record.save(rec)
-        except BaseException:
-            slurm.cancel(submitted)
-            raise
+        redo = [a for a in actions if a.action.endswith("submit")]
+        # Stale jobs first: blocked ones, and live ones whose parent is being resubmitted.
+        slurm.cancel([a.old_job for a in redo if a.action == "cancel+submit" and a.old_job])
+
+        def live_parent_job(name: str) -> str | None:
+            # A parent kept running (not resubmitted, not complete): wait for its current job.
+            return None if is_complete(rec.plan.stage(name)) else rec.stages.get(name, record.StageRecord()).job_id
+
+        new = _submit_chain(rec, [rec.plan.stage(a.stage) for a in redo], live_parent_job, job_fn, reason="resume")
+        for a in redo:
+            a.new_job, a.dependency = new[a.stage].job_id, new[a.stage].dependency
         return actions
 
 

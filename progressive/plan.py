@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from progressive.checkpoint import FINAL_NAME
 from progressive.config import (
     GraphConfig,
     ModelConfig,
@@ -72,11 +73,6 @@ class StagePlan(_Data):
     slurm: SlurmConfig
     train: TrainConfig
     fingerprint: dict[str, Any]  # what must match for a checkpoint of this stage to be resumed
-
-    @property
-    def job_name(self) -> str:
-        """Slurm job name (names are validated, so safe as-is)."""
-        return f"{Path(self.checkpoint_dir).parent.name}.{self.name}"
 
 
 class Plan(_Data):
@@ -212,7 +208,7 @@ def build_plan(
             init_from=_init_from(cfg, idx, base, ckpt_root),
             depends_on=tuple(p for p in [init_parent(cfg, idx)] if p is not None and p in keep),
             checkpoint_dir=str(ckpt_root / name),
-            final_checkpoint=str(ckpt_root / name / "final.pt"),
+            final_checkpoint=str(ckpt_root / name / FINAL_NAME),
             metrics_path=str(run_dir / "stages" / name / "metrics.jsonl"),
             slurm=slurm,
             train=train,
@@ -234,7 +230,7 @@ def build_plan(
 def _init_from(cfg: GraphConfig, idx: int, base: Path, ckpt_root: Path) -> InitFrom:
     parent = init_parent(cfg, idx)
     if parent is not None:
-        return InitFrom(kind="stage", stage=parent, checkpoint=str(ckpt_root / parent / "final.pt"))
+        return InitFrom(kind="stage", stage=parent, checkpoint=str(ckpt_root / parent / FINAL_NAME))
     ref = cfg.stage[idx].init_from
     if ref is not None and ref.lower() != "none":
         return InitFrom(kind="path", checkpoint=str((base / ref).resolve()))

@@ -174,12 +174,6 @@ def tail_objects(path: str | Path, max_bytes: int = 65536) -> list[dict[str, Any
     return out
 
 
-def last_metrics(path: str | Path) -> dict[str, Any] | None:
-    """The last complete metrics line (a step or an event such as "completed")."""
-    objs = tail_objects(path)
-    return objs[0] if objs else None
-
-
 def last_step_metrics(path: str | Path) -> dict[str, Any] | None:
     """The last metrics line that carries a training step."""
     return next((o for o in tail_objects(path) if "step" in o and "loss" in o), None)

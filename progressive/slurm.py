@@ -57,9 +57,6 @@ STATE_MAP: dict[str, str] = {
     "CANCELLED": "cancelled",
     "REVOKED": "cancelled",
 }
-# Our states in which a job will never run again by itself.
-FINAL_STATES = frozenset({"completed", "failed", "timeout", "cancelled"})
-LIVE_STATES = frozenset({"pending", "running", "suspended", "blocked"})
 
 
 def slurm_available() -> bool:
@@ -88,7 +85,7 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
     """submitit parameters for one stage job. `dependency` is e.g. "afterok:123" or None."""
     s = stage.slurm
     params: dict[str, Any] = {
-        "job_name": stage.job_name,
+        "job_name": f"{plan.run_name}.{stage.name}",  # both validated names: safe as a job name
         "time": stage.time_limit_min,
         "nodes": s.nodes,
         "ntasks_per_node": s.tasks_per_node,
@@ -182,16 +179,6 @@ def requeue(job_id: str) -> None:
     run(["scontrol", "requeue", job_id], timeout=60)
 
 
-def release_now(job_id: str) -> None:
-    """Make a requeued job eligible at once (Slurm otherwise holds it ~2 min); needs operator rights."""
-    run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-
-
-def set_dependency(job_id: str, dependency: str) -> None:
-    """Point a pending job's dependency elsewhere (used by resume)."""
-    run(["scontrol", "update", f"JobId={job_id}", f"Dependency={dependency}"])
-
-
 @dataclass(frozen=True)
 class JobInfo:
     """What Slurm says about one job."""
@@ -201,7 +188,6 @@ class JobInfo:
     state: str  # ours, via STATE_MAP; "blocked" for DependencyNeverSatisfied
     reason: str
     elapsed: str
-    restarts: int
     source: str  # "sacct" or "squeue" or "scontrol"
 
 
@@ -232,7 +218,7 @@ def query(job_ids: Sequence[str]) -> dict[str, JobInfo]:
 
 
 def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
-    fields = "JobID,State,Reason,Elapsed,Restarts"
+    fields = "JobID,State,Reason,Elapsed"
     try:
         out = run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "--format", fields], timeout=20)
     except SlurmError:
@@ -240,10 +226,10 @@ def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
     infos: dict[str, JobInfo] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) < 5 or parts[0] not in ids:
+        if len(parts) < 4 or parts[0] not in ids:
             continue
-        jid, st, reason, elapsed, restarts = parts[:5]
-        infos[jid] = _info(jid, st, reason, elapsed, _int(restarts), "sacct")
+        jid, st, reason, elapsed = parts[:4]
+        infos[jid] = _info(jid, st, reason, elapsed, "sacct")
     return infos
 
 
@@ -258,8 +244,7 @@ def _from_squeue(ids: Sequence[str]) -> dict[str, JobInfo]:
         if len(parts) < 4 or parts[0] not in ids:
             continue
         jid, st, reason, elapsed = parts[:4]
-        restarts = _restart_count(jid)
-        infos[jid] = _info(jid, st, reason, elapsed, restarts, "squeue")
+        infos[jid] = _info(jid, st, reason, elapsed, "squeue")
     return infos
 
 
@@ -276,22 +261,18 @@ def _scontrol_fields(job_id: str) -> dict[str, str]:
     return fields
 
 
-def _restart_count(job_id: str) -> int:
-    return _int(_scontrol_fields(job_id).get("Restarts", "0"))
-
-
 def _from_scontrol(job_id: str) -> JobInfo | None:
     f = _scontrol_fields(job_id)
     if not f.get("JobState"):
         return None
     st, reason = f["JobState"], f.get("Reason", "")
-    return _info(job_id, st, reason, f.get("RunTime", ""), _int(f.get("Restarts", "0")), "scontrol")
+    return _info(job_id, st, reason, f.get("RunTime", ""), "scontrol")
 
 
-def _info(job_id: str, st: str, reason: str, elapsed: str, restarts: int, source: str) -> JobInfo:
+def _info(job_id: str, st: str, reason: str, elapsed: str, source: str) -> JobInfo:
     """One JobInfo from any source: Slurm's "None" reason dropped, elapsed as [D-]H:MM:SS."""
     reason = "" if reason in ("None", "(null)") else reason
-    return JobInfo(job_id, st, map_state(st, reason), reason, _hms(elapsed), restarts, source)
+    return JobInfo(job_id, st, map_state(st, reason), reason, _hms(elapsed), source)
 
 
 def _hms(elapsed: str) -> str:
@@ -304,13 +285,6 @@ def _hms(elapsed: str) -> str:
         parts.insert(0, 0)
     h, m, sec = parts[-3:]
     return f"{days + '-' if days else ''}{h}:{m:02d}:{sec:02d}"
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        return 0
 
 
 def job_env() -> Mapping[str, Any]:
