@@ -69,10 +69,10 @@ class MetricsWriter:
             else:
                 self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
 
-    def write(self, event: dict[str, Any], *, file: bool = True) -> None:
-        """Record one event: a JSON line (if `file`), TensorBoard scalars for steps, then the callback."""
+    def write(self, event: dict[str, Any]) -> None:
+        """Record one event: a JSON line, TensorBoard scalars for steps, then the callback."""
         event = _clean(event)
-        if file and self._fh is not None:
+        if self._fh is not None:
             self._fh.write(json.dumps(event, sort_keys=False) + "\n")
             self._fh.flush()  # status reads the file while we train: no half-buffered lines
         if self._tb is not None and event.get("event") == "step":

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -149,9 +149,10 @@ def _seed(*parts: Any) -> int:
 
 def _worker_init(user_init: Callable[[int], None], signums: tuple[int, ...], worker_id: int) -> None:
     # The pre-timeout signal and Ctrl-C go to the whole process group; workers must outlive them
-    # so the main process can finish its step and checkpoint.
-    for signum in signums:
-        signal.signal(signum, signal.SIG_IGN)
+    # so the main process can finish its step and checkpoint, whatever the task's own init does.
+    from progressive.data.loader import ignore_job_signals
+
+    ignore_job_signals(signums)
     user_init(worker_id)
 
 
@@ -161,7 +162,6 @@ class _State:
     elapsed_s: float = 0.0  # training wall time over all jobs of this stage
     last_saved_step: int = -1
     resumed_from: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -286,7 +286,9 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
     sampler = ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size, shuffle=True)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)  # checks the data order's seed; the loop sets the position
-    signums = tuple(s for s in {getattr(signal, f"SIG{stage.slurm.signal}", None), signal.SIGINT} if s is not None)
+    from progressive.data.loader import JOB_SIGNALS
+
+    signums = tuple({*JOB_SIGNALS, getattr(signal, f"SIG{stage.slurm.signal}")})
     loader = DataLoader(train_ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=task.collate,
                         num_workers=tc.num_workers, pin_memory=dev.type == "cuda", drop_last=False,
                         # Its own generator: iter(loader) would otherwise draw from the global torch RNG,

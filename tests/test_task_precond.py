@@ -11,7 +11,7 @@ import torch
 from progressive.data.format import Sample
 from progressive.data.generate import make_sample
 from progressive.data.loader import collate_block_diag
-from progressive.tasks.pcg import ic0, jacobi, lower_factor_apply, pcg, poisson_2d
+from progressive.tasks.pcg import ic0, jacobi, lower_factor_apply, pcg
 from progressive.tasks.precond import (
     LowerFactor,
     PrecondGNN,
@@ -22,6 +22,13 @@ from progressive.tasks.precond import (
     sym_spmm,
 )
 from tests.test_trainer_support import one_thread  # noqa: F401  (autouse fixture)
+
+
+def poisson_2d(m: int) -> sp.csr_matrix:
+    """The 5-point Laplacian on an m x m grid (n = m^2): a small SPD test matrix."""
+    t = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(m, m))
+    eye = sp.identity(m)
+    return sp.csr_matrix(sp.kron(t, eye) + sp.kron(eye, t), dtype=np.float64)
 
 
 def sample_of(A: sp.spmatrix, seed: int = 0) -> Sample:

@@ -17,7 +17,7 @@ import scipy.sparse.linalg as spla
 
 Apply = Callable[[np.ndarray], np.ndarray]
 
-__all__ = ["SolveResult", "pcg", "jacobi", "ic0", "lower_factor_apply", "poisson_2d"]
+__all__ = ["SolveResult", "pcg", "jacobi", "ic0", "lower_factor_apply"]
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,3 @@ def ic0(A: sp.spmatrix | sp.sparray) -> sp.csr_matrix | None:
         if row_cols.size == 0 or row_cols[-1] != i:
             return None  # no diagonal entry in row i
     return sp.csr_matrix((data, indices.copy(), indptr.copy()), shape=low.shape)
-
-
-def poisson_2d(m: int, *, dtype: type = np.float64) -> sp.csr_matrix:
-    """The 5-point Laplacian on an m x m grid (n = m^2): a small SPD test matrix."""
-    t = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(m, m))
-    eye = sp.identity(m)
-    return sp.csr_matrix(sp.kron(t, eye) + sp.kron(eye, t), dtype=dtype)
