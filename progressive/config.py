@@ -144,8 +144,6 @@ MegaBytes = Annotated[int, BeforeValidator(_as_mem)]
 Seconds = Annotated[int, BeforeValidator(_as_seconds)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
-SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------- the tables
@@ -179,7 +177,8 @@ class SlurmConfig(_Strict):
     mem: Optional[MegaBytes] = Field(None, description=f"Host memory per node, e.g. {MEM_FORMATS}.")
     time: Minutes = Field(60, description=f"Default time limit per job, e.g. {TIME_FORMATS}.")
     max_requeues: Annotated[int, Field(ge=0)] = Field(3, description="Times a stage may requeue itself after a time-out.")
-    signal: Literal["USR1", "USR2", "TERM", "INT", "HUP", "URG"] = Field(
+    # Not TERM: scancel and preemption send it, and a job must tell those apart from its time limit.
+    signal: Literal["USR1", "USR2", "INT", "HUP", "URG"] = Field(
         "USR2", description="Signal Slurm sends before the time limit (USR2: NCCL may swallow USR1).")
     signal_delay: Seconds = Field(120, description="Seconds before the time limit that the signal is sent.")
     constraint: Optional[str] = Field(None, description="Slurm --constraint.")
@@ -429,26 +428,34 @@ def _config_error(exc: ValidationError, raw: dict[str, Any], source: str) -> Con
         return ConfigError("required key is missing", loc=f"{source}: {where}",
                            hint=f"add `{loc[-1]} = ...` to this table")
     msg = err["msg"].removeprefix("Value error, ")
-    if "ctx" in err and ctx_err is None and kind.startswith(("greater_than", "less_than")):
-        hint = "use a positive number" if "greater" in kind else None
-    else:
-        hint = None
-    got = err.get("input")
-    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
-        msg = f"{msg} (got {got!r})"
-        hint = hint or "check the value's type: strings need quotes, numbers must not be quoted"
-        if kind == "literal_error":
-            hint = "use one of the values listed above"
-    if kind == "value_error" and "duration" in msg:
-        hint = "write the time like \"4h\", \"90m\" or \"1-12:00:00\""
-    if kind == "value_error" and "memory" in msg:
-        hint = "write memory like \"24G\" or \"512M\""
-    if kind == "value_error" and "invalid" in msg and "name" in msg:
-        hint = "rename it; names become folder names and Slurm job names"
-    if kind.startswith("greater_than") or kind.startswith("less_than"):
-        msg = f"{msg} (got {got!r})"
-        hint = hint or "change the value to lie in the allowed range"
-    return ConfigError(msg, loc=f"{source}: {where}", hint=hint)
+    if kind in _SHOW_INPUT or kind.endswith(("_type", "_parsing")):
+        msg = f"{msg} (got {err.get('input')!r})"
+    return ConfigError(msg, loc=f"{source}: {where}", hint=_hint(kind, msg))
+
+
+# How to fix each kind of Pydantic error; value errors are told apart by their message.
+_SHOW_INPUT = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}
+_KIND_HINTS = {
+    "greater_than": "use a positive number",
+    "literal_error": "use one of the values listed above",
+}
+_VALUE_HINTS = (
+    ("duration", "write the time like \"4h\", \"90m\" or \"1-12:00:00\""),
+    ("memory", "write memory like \"24G\" or \"512M\""),
+    ("invalid", "rename it; names become folder names and Slurm job names"),
+)
+
+
+def _hint(kind: str, msg: str) -> str | None:
+    if kind in _KIND_HINTS:
+        return _KIND_HINTS[kind]
+    if kind.startswith(("greater_than", "less_than")):
+        return "change the value to lie in the allowed range"
+    if kind.endswith(("_type", "_parsing")):
+        return "check the value's type: strings need quotes, numbers must not be quoted"
+    if kind == "value_error":
+        return next((hint for word, hint in _VALUE_HINTS if word in msg), None)
+    return None
 
 
 def _stage_label(raw: dict[str, Any], index: int) -> str:

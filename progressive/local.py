@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from progressive import record
-from progressive.errors import ProgressiveError, RunError
+from progressive.errors import RunError
 from progressive.job import StopFlag
 from progressive.orchestrate import is_complete
 from progressive.record import RunRecord
@@ -34,10 +34,6 @@ def run_local(rec: RunRecord, *, on_progress: Optional[Progress] = None,
     if rec.mode != "local":
         raise RunError(f"run {rec.run_name!r} was submitted to Slurm", loc="--local",
                        hint=f"use `progressive resume {rec.run_name}` without --local")
-    wide = [st.name for st in rec.plan.stages if st.world_size > 1]
-    if wide:
-        raise RunError(f"stage(s) {', '.join(wide)} ask for {rec.plan.stage(wide[0]).world_size} processes",
-                       loc="--local", hint="local mode runs one process per stage: set tasks_per_node = 1 and nodes = 1")
     flag = StopFlag()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     flag.install(signal.SIGINT, signal.SIGTERM)
@@ -54,7 +50,7 @@ def run_local(rec: RunRecord, *, on_progress: Optional[Progress] = None,
             try:
                 outcome = train_stage(rec.plan, st, stop_requested=flag,
                                       on_progress=(lambda m, n=st.name: on_progress(n, m)) if on_progress else None)
-            except (ProgressiveError, Exception) as exc:
+            except Exception as exc:  # a ProgressiveError or a bug in the task: recorded, then re-raised
                 _set_state(rec, st.name, "failed")
                 if on_stage:
                     on_stage(st.name, "failed", exc)

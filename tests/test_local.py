@@ -111,5 +111,16 @@ def test_run_command_errors(tmp_path: Path) -> None:
     assert none.returncode == 1 and "no runs under jobs" in none.stderr and "progressive submit" in none.stderr
     bad = run_cli("status", "../etc", cwd=tmp_path)
     assert bad.returncode == 1 and "invalid run name" in bad.stderr
+    watch = run_cli("status", "--watch", "0", cwd=tmp_path)
+    assert watch.returncode == 2 and "expected a positive number of seconds, got '0'" in watch.stderr
     missing = run_cli("resume", "ghost", cwd=tmp_path)
     assert missing.returncode == 1 and "no run record here" in missing.stderr
+
+
+def test_local_refuses_multi_process_stages_before_recording(tmp_path: Path, tiny_dataset: Path) -> None:
+    cfg = graph(tmp_path, tiny_dataset, "wide")
+    cfg.write_text(cfg.read_text().replace("[train]", "[slurm]\ntasks_per_node = 2\n[train]"))
+    proc = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 1
+    assert "ask for 2 processes" in proc.stderr and "tasks_per_node = 1" in proc.stderr
+    assert not (tmp_path / "jobs" / "wide" / "run.json").exists()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from progressive.metrics import read_metrics
 from tests.slurm_support import accounting_off, release_requeued, slurm_cluster, status, wait_for  # noqa: F401
 from tests.util import REPO, run_cli
 
@@ -56,7 +57,7 @@ def all_done(run: str, jobs: Path, states: tuple[str, ...] = ("completed",)) -> 
 
 
 def events(metrics: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return read_metrics(metrics)
 
 
 def record(jobs: Path, run: str) -> dict[str, Any]:

@@ -34,18 +34,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--local", action="store_true", help="run the stages on this machine, one after another")
     p.set_defaults(handler=cmd_submit)
 
-    runs_help = "run name (default: the most recent run under the jobs folder)"
     s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
-    s.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
-    _jobs_root_arg(s)
+    _run_args(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+    s.add_argument("--watch", nargs="?", type=_positive_seconds, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage is final")
     s.set_defaults(handler=cmd_status)
 
     r = sub.add_parser("resume", help="resubmit stages that failed, timed out or were cancelled, from their last checkpoint")
-    r.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
-    _jobs_root_arg(r)
+    _run_args(r)
     r.add_argument("--dry-run", action="store_true", help="show what would be resubmitted")
     r.set_defaults(handler=cmd_resume)
 
@@ -57,8 +54,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     lg.set_defaults(handler=cmd_logs)
 
     c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
-    c.add_argument("run", nargs="?", metavar="RUN", help=runs_help)
-    _jobs_root_arg(c)
+    _run_args(c)
     c.add_argument("--stages", metavar="A,B,...", help="only these stages")
     c.set_defaults(handler=cmd_cancel)
 
@@ -70,6 +66,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def _jobs_root_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """RUN (optional) and --jobs: how status, resume and cancel find a run."""
+    p.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the most recent run under the jobs folder)")
+    _jobs_root_arg(p)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------ submit
@@ -150,14 +162,15 @@ def show_results(rec: Any) -> None:
     """
     from rich.table import Table
 
-    from progressive.record import last_step_metrics, tail_objects
+    from progressive.record import tail_objects
 
     rows = []
     keys: list[str] = []
     for st in rec.plan.stages:
-        done = next((o for o in tail_objects(st.metrics_path) if o.get("event") == "completed"), {})
+        tail = tail_objects(st.metrics_path)
+        done = next((o for o in tail if o.get("event") == "completed"), {})
         ev = done.get("eval") or {}
-        last = last_step_metrics(st.metrics_path) or {}
+        last = next((o for o in tail if o.get("event") == "step"), {})
         keys += [k for k in ev if k not in keys]
         rows.append((st, done, last, ev))
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
@@ -184,8 +197,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `progressive status`."""
     from progressive import orchestrate
 
+    from progressive import record
+
     rec = orchestrate.find_run(Path(args.jobs), args.run)
     while True:
+        rec = record.load(rec.run_dir)  # a resume in between changes the job ids
         statuses = orchestrate.stage_statuses(rec)
         if args.json:
             print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
