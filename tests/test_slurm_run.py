@@ -82,7 +82,9 @@ def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, tiny_dataset
     jobs = tmp_path / "jobs"
     again = run_cli("submit", "-c", str(cfg), cwd=tmp_path, env=ENV)  # the chain is live: refused, nothing submitted
     assert again.returncode == 1 and "still has live jobs" in again.stderr and "--run-name" in again.stderr
-    final = wait_for(lambda: all_done("chain", jobs), 240, "the 3-stage chain to complete")
+    # `completed` as soon as final.pt exists; Slurm records COMPLETED a moment later, when the job exits.
+    final = wait_for(lambda: (lambda s: s if s and all(v["slurm_state"] == "COMPLETED" for v in s.values()) else False)(
+        all_done("chain", jobs)), 240, "the 3-stage chain to complete and its jobs to end")
     rec = record(jobs, "chain")
     assert all(len(rec["stages"][n]["submissions"]) == 1 for n in ("s16", "s32", "s64"))
     ids = [rec["stages"][n]["submissions"][0]["job_id"] for n in ("s16", "s32", "s64")]
