@@ -30,11 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "slurm.md"
@@ -135,32 +134,15 @@ def wait_final(ids: list[str], timeout: float, what: str) -> dict[str, str]:
         time.sleep(1.0)
 
 
-class Releaser:
-    """Make our requeued jobs eligible at once (Slurm holds them ~cred_expire s), like the tests' fixture."""
+def config_value(config: str, key: str) -> str:
+    """A value of `scontrol show config` ("KillWait = 5 sec" -> "5 sec"); "?" when absent."""
+    return next((ln.split("=", 1)[1].strip() for ln in config.splitlines() if ln.split("=", 1)[0].strip() == key), "?")
 
-    def __init__(self, ids: Callable[[], list[str]]) -> None:
-        self.ids, self.stop = ids, threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
 
-    def loop(self) -> None:
-        while not self.stop.is_set():
-            ids = self.ids()
-            if ids:
-                out = subprocess.run(["squeue", "-h", "-t", "PENDING", "-j", ",".join(ids), "-o", "%i|%r"],
-                                     capture_output=True, text=True)
-                for line in out.stdout.splitlines():
-                    jid, _, reason = line.partition("|")
-                    if reason == "BeginTime":
-                        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
-            self.stop.wait(1.0)
-
-    def __enter__(self) -> "Releaser":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+def eligible_note(auth_info: str) -> str:
+    """When a requeued job may start again: cred_expire + 1 s after the requeue (Slurm's default cred_expire: 120)."""
+    m = re.search(r"cred_expire=(\d+)", auth_info)
+    return f"cred_expire={m.group(1) if m else 120}: {int(m.group(1)) + 1 if m else 121} s after the requeue"
 
 
 def sacct_times(ids: list[str]) -> dict[str, tuple[datetime | None, datetime | None]]:
@@ -334,8 +316,9 @@ def bench_requeue(work: Path, data: Path, every: int) -> dict[str, Any]:
     jobs = work / "jobs"
     ids = run_ids(jobs, run)
     SUBMITTED.update(ids)
-    with Releaser(lambda: ids):
-        final = wait_final(ids, 420, "the 1-minute-job stage to finish")
+    # No early release of the requeued job (scontrol update StartTime=now): before cred_expire has passed,
+    # Slurm kills it ("Job credential revoked"). It becomes eligible cred_expire + 1 s after each requeue.
+    final = wait_final(ids, 1500, "the 1-minute-job stage to finish")
     wall = time.monotonic() - t0
     st = {s["name"]: s for s in json.loads(sh([CLI, "status", run, "--jobs", jobs, "--json"]).stdout)["stages"]}["long"]
     ev = events(jobs / run / "stages" / "long" / "metrics.jsonl")
@@ -469,7 +452,7 @@ def report(sub: dict[str, Any], rq: dict[str, Any], ch: dict[str, Any], meta: di
         "",
         f"One stage (tests.tasks:SlowTask, bucket 16, batch 2, 12 epochs = {rq['total']} steps of ~{rq['step_s']:.2f} s) "
         f"in 1-minute jobs, pre-timeout signal 20 s before the limit, `checkpoint_every = {rq['every']}` steps; "
-        f"requeued jobs released at once with `scontrol update StartTime=now`. Job {rq['job']} ended "
+        f"requeued jobs start again when Slurm makes them eligible ({meta['eligible']}). Job {rq['job']} ended "
         f"{rq['slurm_state']} (status: {rq['state']}) after {rq['wall']:.0f} s, {rq['requeues']} time-out requeues, "
         f"{rq['segments']} job segments starting at steps {rq['seg_start']}. Redone = step numbers logged more than "
         f"once in metrics.jsonl ({rq['steps_logged']} step lines for {rq['total']} steps).",
@@ -508,7 +491,8 @@ def report(sub: dict[str, Any], rq: dict[str, Any], ch: dict[str, Any], meta: di
         "job starts again (sacct Start) -> the trainer's next `start` event (job start-up). sacct's End of a "
         "requeued segment is the requeue request; Slurm then signals the job and kills it after "
         f"`KillWait` ({meta['killwait']}; the job's SIGTERM handler only sets its stop flag, so the task waits to "
-        "be SIGKILLed), which falls in End -> next Start. Segments are shorter than the 40 s the limit and signal "
+        "be SIGKILLed), which falls in End -> next Start, as does the wait until the requeued job is eligible "
+        f"again ({meta['eligible']}). Segments are shorter than the 40 s the limit and signal "
         "delay suggest: Slurm sends `--signal` on its own timer, up to 60 s early (sbatch(1)).",
         "",
         "| stop -> End (s) | End -> next Start (s) | Start -> training (s) | stop -> training again (s) | "
@@ -572,6 +556,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below cancels our jobs
     work = Path(tempfile.mkdtemp(prefix="bench_slurm_"))
+    config = sh(["scontrol", "show", "config"]).stdout
     meta = {
         "cmd": " ".join([".venv/bin/python benchmarks/bench_slurm.py"]
                         + (["--runs", str(args.runs)] if args.runs != 5 else [])
@@ -580,8 +565,8 @@ def main() -> int:
                         + (["--chain-rounds", str(args.chain_rounds)] if args.chain_rounds != 2 else [])),
         "slurm": sh(["sbatch", "--version"]).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "killwait": next((ln.split("=", 1)[1].strip() for ln in sh(["scontrol", "show", "config"]).stdout.splitlines()
-                          if ln.startswith("KillWait")), "?"),
+        "killwait": config_value(config, "KillWait"),
+        "eligible": eligible_note(config_value(config, "AuthInfo")),
         "sleep_jobs": args.sleep_jobs, "chain_rounds": args.chain_rounds,
         "others_start": other_jobs(),
         "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),

@@ -8,8 +8,9 @@ tests are never skipped silently.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -59,37 +60,111 @@ def status(run: str, jobs: Path) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
 
 
-def squeue_reason(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True, timeout=20)
+# Slurm's final job states: the job has ended and nothing of it runs any more (squeue shows
+# COMPLETING, not one of these, while its processes are still exiting).
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL",
+                          "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+
+SLURM_DIR = Path(os.environ.get("PROGRESSIVE_SLURM_DIR", "/var/lib/progressive-slurm"))  # scripts/slurm-up.sh
+
+
+def squeue_state(job_id: str) -> str:
+    """slurmctld's own word for a job (`squeue -t all`: no accounting lag; MinJobAge keeps ended jobs 10 min)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=30)
     return out.stdout.strip()
 
 
+def ended(run: str, jobs: Path) -> dict[str, dict[str, Any]] | bool:
+    """status --json once every stage's job has ended in Slurm's own record (squeue) and `status` reports a
+    final Slurm state for it too (sacct may lag squeue by a moment); else False.
+
+    `status` says "completed" as soon as final.pt exists, while the job may still be exiting and
+    writing its last lines: wait for this before reading metrics, logs or Slurm states.
+    """
+    st = status(run, jobs)
+    for s in st.values():
+        if not s["job_id"] or squeue_state(s["job_id"]) not in FINAL_STATES or s["slurm_state"] not in FINAL_STATES:
+            return False
+    return st
+
+
+def job_ids(jobs: Path) -> list[str]:
+    """Every job id any run under `jobs` ever submitted (from the run records)."""
+    ids: list[str] = []
+    for rec in sorted(jobs.glob("*/run.json")):
+        for srec in json.loads(rec.read_text())["stages"].values():
+            ids += [str(sub["job_id"]) for sub in srec.get("submissions", []) if sub.get("job_id")]
+    return ids
+
+
+LOGS = ("slurmctld.log", "slurmd.log")
+# Slurm killing or refusing a job by itself, e.g. "Killing non-startable batch JobId=14: Job credential revoked".
+_ANOMALIES = ("credential revoked", "non-startable", "launch failed", "launch failure", "requeue held")
+
+
+def log_sizes() -> dict[str, int]:
+    """Current size of each Slurm daemon log (0 when unreadable): where a test's lines start."""
+    sizes = {}
+    for name in LOGS:
+        try:
+            sizes[name] = (SLURM_DIR / "log" / name).stat().st_size
+        except OSError:
+            sizes[name] = 0
+    return sizes
+
+
+def slurm_log_anomalies(ids: list[str], since: dict[str, int]) -> list[str]:
+    """Lines the Slurm daemons logged after `since` (log_sizes()) that show Slurm killing or refusing one
+    of these jobs by itself; [] when the logs are not readable (a cluster other than scripts/slurm-up.sh's)."""
+    pats = [re.compile(rf"(JobId=|StepId=|job ?id[ =]?){re.escape(i)}\b", re.I) for i in ids]
+    found: list[str] = []
+    for name in LOGS:
+        try:
+            with open(SLURM_DIR / "log" / name, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(since.get(name, 0) if since.get(name, 0) <= size else 0)  # rotated: read it all
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        found += [f"{name}: {ln}" for ln in lines
+                  if any(b in ln.lower() for b in _ANOMALIES) and any(p.search(ln) for p in pats)]
+    return found
+
+
 @pytest.fixture
-def release_requeued() -> Iterator[None]:
-    """Make requeued jobs eligible at once (Slurm holds them ~cred_expire seconds): keeps CI short."""
-    stop = threading.Event()
+def slurm_jobs(tmp_path: Path) -> Iterator[Path]:
+    """The `jobs` folder of a test's runs. Afterwards: fail on Slurm log lines that show Slurm killing or
+    refusing one of the test's jobs (a race the test itself may not notice), and cancel any of its jobs
+    still queued or running so that a failed test leaves nothing behind for the next one."""
+    jobs = tmp_path / "jobs"
+    since = log_sizes()
+    yield jobs
+    ids = job_ids(jobs)
+    live = [j for j in ids if squeue_state(j) not in FINAL_STATES | {""}]
+    if live:
+        subprocess.run(["scancel", *live], capture_output=True, timeout=60)
+    anomalies = slurm_log_anomalies(ids, since)
+    assert not anomalies, "Slurm killed or refused a job of this test:\n" + "\n".join(anomalies)
 
-    def loop() -> None:
-        while not stop.is_set():
-            out = subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%i|%r"], capture_output=True, text=True)
-            for line in out.stdout.splitlines():
-                jid, _, reason = line.partition("|")
-                if reason == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
-            stop.wait(1.0)
 
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    yield
-    stop.set()
-    t.join(timeout=5)
+def _script(*args: str) -> subprocess.CompletedProcess[str]:
+    # Each restart of slurmctld/slurmd waits up to PROGRESSIVE_SLURM_TIMEOUT (60 s) per daemon: slow on a loaded machine.
+    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
 def accounting_off(slurm_cluster: None) -> Iterator[None]:
-    """Run a test with Slurm accounting off (sacct fails); always turned back on."""
-    subprocess.run(["bash", str(REPO / "scripts" / "slurm-accounting.sh"), "off"], check=True, capture_output=True, timeout=120)
+    """Run a test with Slurm accounting off (sacct fails); always turned back on, also when turning it
+    off failed half-way or the test failed. Should `on` fail, scripts/slurm-up.sh (which rewrites the
+    configuration with accounting on) repairs the cluster, so the next test never finds accounting off."""
     try:
+        off = _script(str(REPO / "scripts" / "slurm-accounting.sh"), "off")
+        assert off.returncode == 0, f"slurm-accounting.sh off failed:\n{off.stdout}{off.stderr}"
         yield
     finally:
-        subprocess.run(["bash", str(REPO / "scripts" / "slurm-accounting.sh"), "on"], check=True, capture_output=True, timeout=120)
+        on = _script(str(REPO / "scripts" / "slurm-accounting.sh"), "on")
+        if on.returncode != 0:
+            up = _script(str(REPO / "scripts" / "slurm-up.sh"))
+            assert up.returncode == 0, (f"accounting could not be turned back on:\n{on.stdout}{on.stderr}\n"
+                                        f"slurm-up.sh:\n{up.stdout}{up.stderr}")

@@ -17,10 +17,19 @@ import pytest
 import torch
 
 from progressive.metrics import read_metrics
-from tests.slurm_support import accounting_off, release_requeued, slurm_cluster, status, wait_for  # noqa: F401
+from tests.slurm_support import (accounting_off, ended, slurm_cluster, slurm_jobs, squeue_state,  # noqa: F401
+                                 status, wait_for)
 from tests.util import REPO, run_cli
 
 pytestmark = pytest.mark.slurm
+
+# Timeouts of waits for a real Slurm state: generous, since they only bound how long a broken run takes
+# to fail. On a loaded 2-core machine a job start (python, torch, submitit, data) alone can take 30 s+,
+# a requeued job waits cred_expire + 1 = 11 s before it may start again, and Slurm sends the pre-timeout
+# signal up to 60 s early, so a 1-minute job may get only ~10 s of work per segment.
+START = 300  # a queued job to start and log its first steps
+STAGE = 600  # a short stage (or chain of short stages) to run to its end
+REQUEUED_STAGE = 1500  # a stage cut by 1-minute time limits several times, each requeue waiting ~11 s
 
 # Jobs import tests.tasks: sbatch exports the submitting environment, PYTHONPATH included.
 ENV = {"PYTHONPATH": str(REPO)}
@@ -51,11 +60,6 @@ def submit(cfg: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def all_done(run: str, jobs: Path, states: tuple[str, ...] = ("completed",)) -> Any:
-    st = status(run, jobs)
-    return st if all(s["state"] in states for s in st.values()) else False
-
-
 def events(metrics: Path) -> list[dict[str, Any]]:
     return read_metrics(metrics)
 
@@ -75,16 +79,17 @@ def assert_no_step_redone(metrics: Path) -> list[int]:
     return steps
 
 
-def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
+                                                tmp_path: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, "chain",
                       stage("s16", 16, 4, 2, 'init_from = "none"') + stage("s32", 32, 2, 2) + stage("s64", 64, 2, 2))
     submit(cfg)
-    jobs = tmp_path / "jobs"
+    jobs = slurm_jobs
     again = run_cli("submit", "-c", str(cfg), cwd=tmp_path, env=ENV)  # the chain is live: refused, nothing submitted
     assert again.returncode == 1 and "still has live jobs" in again.stderr and "--run-name" in again.stderr
     # `completed` as soon as final.pt exists; Slurm records COMPLETED a moment later, when the job exits.
-    final = wait_for(lambda: (lambda s: s if s and all(v["slurm_state"] == "COMPLETED" for v in s.values()) else False)(
-        all_done("chain", jobs)), 240, "the 3-stage chain to complete and its jobs to end")
+    final = wait_for(lambda: ended("chain", jobs), STAGE, "the 3-stage chain's jobs to end")
+    assert all(s["state"] == "completed" and s["slurm_state"] == "COMPLETED" for s in final.values()), final
     rec = record(jobs, "chain")
     assert all(len(rec["stages"][n]["submissions"]) == 1 for n in ("s16", "s32", "s64"))
     ids = [rec["stages"][n]["submissions"][0]["job_id"] for n in ("s16", "s32", "s64")]
@@ -99,16 +104,21 @@ def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, tiny_dataset
     assert "stage s32 completed" in logs
 
 
-def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, release_requeued: None,
+def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, slurm_jobs: Path,
                                                         tiny_dataset: Path, tmp_path: Path) -> None:
     """A 1-minute job that needs ~1.5 minutes of work requeues itself, redoes no step, and ends with
-    exactly the weights of the same stage run locally without interruption."""
+    exactly the weights of the same stage run locally without interruption. Requeued jobs start again
+    when Slurm makes them eligible (cred_expire + 1 s after the requeue): releasing them earlier gets
+    them killed ("Job credential revoked")."""
     stages = stage("long", 16, 2, 12, 'init_from = "none"')
-    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4", slurm={"time": '"1m"'})
+    # max_requeues 20: a segment may do little work (an early signal on a loaded machine); the test is
+    # about requeues working, not about how many a stage needs.
+    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4",
+                      slurm={"time": '"1m"', "max_requeues": "20"})
     submit(cfg)
-    jobs = tmp_path / "jobs"
-    done = wait_for(lambda: all_done("requeue", jobs, ("completed", "failed", "timeout")), 600, "the stage to finish")
-    assert done["long"]["state"] == "completed", done
+    jobs = slurm_jobs
+    done = wait_for(lambda: ended("requeue", jobs), REQUEUED_STAGE, "the stage's job to end")
+    assert done["long"]["state"] == "completed" and done["long"]["slurm_state"] == "COMPLETED", done
     assert done["long"]["requeues"] >= 2, done  # it really was cut by the time limit, twice or more
     steps = assert_no_step_redone(jobs / "requeue" / "stages" / "long" / "metrics.jsonl")
     assert steps[-1] == done["long"]["total_steps"]
@@ -125,17 +135,19 @@ def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, rel
         assert torch.equal(slurm_w[k], local_w[k]), f"{k} differs"
 
 
-def test_failure_blocks_dependents_and_resume_finishes(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_failure_blocks_dependents_and_resume_finishes(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
+                                                       tmp_path: Path) -> None:
     marker = tmp_path / "fail-32"
     marker.write_text("stage 2 fails while this file exists")
     cfg = write_graph(tmp_path, tiny_dataset, "flaky",
                       stage("one", 16, 4, 1, 'init_from = "none"') + stage("two", 32, 2, 2) + stage("three", 64, 2, 1),
                       task="tests.tasks:FlakyTask", options=f'fail_marker = "{tmp_path}/fail-{{n}}"')
     submit(cfg)
-    jobs = tmp_path / "jobs"
-    blocked = wait_for(lambda: (lambda s: s if s["three"]["state"] == "blocked" else False)(status("flaky", jobs)),
-                       180, "stage three to be blocked")
-    assert blocked["one"]["state"] == "completed" and blocked["two"]["state"] == "failed"
+    jobs = slurm_jobs
+    # Three is blocked once slurmctld has two's end; sacct (behind `status`) may record FAILED a moment later.
+    blocked = wait_for(lambda: (lambda s: s if s["three"]["state"] == "blocked" and s["two"]["state"] != "running"
+                                else False)(status("flaky", jobs)), STAGE, "stage three to be blocked")
+    assert blocked["one"]["state"] == "completed" and blocked["two"]["state"] == "failed", blocked
     assert blocked["three"]["fix"] == "progressive resume flaky"
     text = run_cli("status", "flaky", "--jobs", str(jobs), check=True).stdout
     assert "three is blocked" in text and "DependencyNeverSatisfied" in text and "progressive resume flaky" in text
@@ -147,7 +159,8 @@ def test_failure_blocks_dependents_and_resume_finishes(slurm_cluster: None, tiny
     assert proc.returncode == 0, proc.stdout + proc.stderr
     again = run_cli("resume", "flaky", "--jobs", str(jobs), cwd=tmp_path, env=ENV, check=True).stdout
     assert "nothing to resubmit" in again  # the first resume's jobs are live: the second submits nothing
-    wait_for(lambda: all_done("flaky", jobs), 240, "the resumed run to complete")
+    done = wait_for(lambda: ended("flaky", jobs), STAGE, "the resumed run's jobs to end")
+    assert all(s["state"] == "completed" for s in done.values()), done
     rec = record(jobs, "flaky")
     assert len(rec["stages"]["one"]["submissions"]) == 1  # stage one never ran again
     assert [s["reason"] for s in rec["stages"]["two"]["submissions"]] == ["submit", "resume"]
@@ -155,34 +168,40 @@ def test_failure_blocks_dependents_and_resume_finishes(slurm_cluster: None, tiny
     assert len(starts) == 1
 
 
-def test_cancel_then_resume_continues_from_checkpoint(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_cancel_then_resume_continues_from_checkpoint(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
+                                                      tmp_path: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, "cancelled",
                       stage("first", 16, 2, 6, 'init_from = "none"') + stage("second", 32, 2, 1),
                       options="step_sleep = 0.2")
     submit(cfg)
-    jobs = tmp_path / "jobs"
+    jobs = slurm_jobs
     metrics = jobs / "cancelled" / "stages" / "first" / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and any(e.get("step", 0) >= 15 for e in events(metrics)), 120, "15 steps")
+    wait_for(lambda: metrics.is_file() and any(e.get("step", 0) >= 15 for e in events(metrics)), START, "15 steps")
     run_cli("cancel", "cancelled", "--jobs", str(jobs), check=True)
+    # Slurm says CANCELLED at once, while the job still finishes its step and saves (squeue: COMPLETING):
+    # wait until its processes are gone before looking for the checkpoint and the last step.
+    first_job = record(jobs, "cancelled")["stages"]["first"]["submissions"][-1]["job_id"]
+    wait_for(lambda: squeue_state(first_job) == "CANCELLED", START, "the cancelled job's processes to end")
     st = wait_for(lambda: (lambda s: s if s["first"]["state"] == "cancelled" else False)(status("cancelled", jobs)),
-                  60, "the cancel")
+                  START, "status to show the cancel")
     assert st["first"]["checkpoint"], "SIGTERM on cancel must leave a checkpoint"
     stopped_at = max(e["step"] for e in events(metrics) if e.get("event") == "step")
     run_cli("resume", "cancelled", "--jobs", str(jobs), cwd=tmp_path, env=ENV, check=True)
-    wait_for(lambda: all_done("cancelled", jobs), 240, "the resumed run to complete")
+    done = wait_for(lambda: ended("cancelled", jobs), STAGE, "the resumed run's jobs to end")
+    assert all(s["state"] == "completed" for s in done.values()), done
     starts = [e for e in events(metrics) if e.get("event") == "start"]
     assert starts[-1]["resumed_from"] and starts[-1]["step"] >= stopped_at - 1 and starts[-1]["step"] > 0
     assert_no_step_redone(metrics)
 
 
-def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, release_requeued: None, tiny_dataset: Path,
+def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
                                          tmp_path: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, "ddp", stage("wide", 16, 2, 12, 'init_from = "none"'),
-                      options="step_sleep = 0.6", slurm={"time": '"1m"', "tasks_per_node": "2"})
+                      options="step_sleep = 0.6", slurm={"time": '"1m"', "tasks_per_node": "2", "max_requeues": "20"})
     submit(cfg)
-    jobs = tmp_path / "jobs"
-    done = wait_for(lambda: all_done("ddp", jobs, ("completed", "failed", "timeout")), 600, "the DDP stage to finish")
-    assert done["wide"]["state"] == "completed", done
+    jobs = slurm_jobs
+    done = wait_for(lambda: ended("ddp", jobs), REQUEUED_STAGE, "the DDP stage's job to end")
+    assert done["wide"]["state"] == "completed" and done["wide"]["slurm_state"] == "COMPLETED", done
     assert done["wide"]["requeues"] >= 1
     metrics = jobs / "ddp" / "stages" / "wide" / "metrics.jsonl"
     assert all(e["world_size"] == 2 for e in events(metrics) if e.get("event") == "start")
@@ -190,13 +209,15 @@ def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, release_requeued: 
     assert steps[-1] == done["wide"]["total_steps"]
 
 
-def test_status_without_accounting(accounting_off: None, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_status_without_accounting(accounting_off: None, slurm_jobs: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0  # accounting really is off
     cfg = write_graph(tmp_path, tiny_dataset, "noacct", stage("only", 16, 4, 30, 'init_from = "none"'),
                       options="step_sleep = 0.1")
     submit(cfg)
-    jobs = tmp_path / "jobs"
+    jobs = slurm_jobs
     seen = wait_for(lambda: (lambda s: s if s["only"]["state"] in ("running", "completed") else False)(status("noacct", jobs)),
-                    120, "the job to be seen running without sacct")
+                    START, "the job to be seen running without sacct")
     assert seen["only"]["slurm_state"] in ("RUNNING", "COMPLETING", "COMPLETED") or seen["only"]["state"] == "completed"
-    wait_for(lambda: all_done("noacct", jobs), 180, "completion without accounting")
+    # Until the job has ended: turning accounting back on restarts slurmctld and slurmd.
+    done = wait_for(lambda: ended("noacct", jobs), STAGE, "the job to end without accounting")
+    assert done["only"]["state"] == "completed" and done["only"]["slurm_state"] == "COMPLETED", done
