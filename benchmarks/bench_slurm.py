@@ -279,7 +279,8 @@ cpus_per_task = 1
 mem = "1G"
 time = "{time}"
 signal_delay = "20s"
-max_requeues = 8
+# 20: on a loaded machine a 1-minute segment may do few steps (start-up eats most of it)
+max_requeues = 20
 [train]
 lr = 0.003
 checkpoint_every = {every}

@@ -17,7 +17,7 @@ from progressive.tasks.precond import PreconditionerTask
 
 
 class SlowTask(PreconditionerTask):
-    """The reference task with a pause in every loss call, so a tiny stage outlasts a 1-minute limit."""
+    """The reference task with a pause in every loss call, so a tiny stage outlasts a short time limit."""
 
     def __init__(self, step_sleep: float = 0.1, **options: Any) -> None:
         super().__init__(**options)

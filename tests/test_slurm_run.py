@@ -24,12 +24,19 @@ from tests.util import REPO, run_cli
 pytestmark = pytest.mark.slurm
 
 # Timeouts of waits for a real Slurm state: generous, since they only bound how long a broken run takes
-# to fail. On a loaded 2-core machine a job start (python, torch, submitit, data) alone can take 30 s+,
-# a requeued job waits cred_expire + 1 = 11 s before it may start again, and Slurm sends the pre-timeout
-# signal up to 60 s early, so a 1-minute job may get only ~10 s of work per segment.
+# to fail. On a loaded 2-core machine a job start (python, torch, submitit, data) alone can take 20 s+,
+# and a requeued job waits cred_expire + 1 = 11 s before it may start again.
 START = 300  # a queued job to start and log its first steps
 STAGE = 600  # a short stage (or chain of short stages) to run to its end
-REQUEUED_STAGE = 1500  # a stage cut by 1-minute time limits several times, each requeue waiting ~11 s
+REQUEUED_STAGE = 1500  # a stage cut by its time limit a few times, each requeue waiting ~11 s
+
+# Time-limit tests use 2-minute jobs. slurmctld checks time limits every 30 s and sends the pre-timeout
+# signal at the first check within signal_delay + 30 s of the limit: with time = 2m and signal_delay = 20s
+# a job gets it 70 to 100 s after it starts. (With 1-minute jobs it came 10 to 40 s after the start, in
+# practice 19 s after each requeued start, since the requeue itself happens at a check and the job is
+# eligible 11 s later: a loaded machine spent most of that starting Python and torch, and a stage could
+# use up its requeues without progress.) So a stage with more than 2 x 100 s of steps is cut at least twice.
+LIMIT = '"2m"'
 
 # Jobs import tests.tasks: sbatch exports the submitting environment, PYTHONPATH included.
 ENV = {"PYTHONPATH": str(REPO)}
@@ -106,15 +113,15 @@ def test_chain_runs_each_stage_from_its_parent(slurm_cluster: None, slurm_jobs: 
 
 def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, slurm_jobs: Path,
                                                         tiny_dataset: Path, tmp_path: Path) -> None:
-    """A 1-minute job that needs ~1.5 minutes of work requeues itself, redoes no step, and ends with
+    """A 2-minute job that needs ~3.6 minutes of work requeues itself, redoes no step, and ends with
     exactly the weights of the same stage run locally without interruption. Requeued jobs start again
     when Slurm makes them eligible (cred_expire + 1 s after the requeue): releasing them earlier gets
     them killed ("Job credential revoked")."""
     stages = stage("long", 16, 2, 12, 'init_from = "none"')
-    # max_requeues 20: a segment may do little work (an early signal on a loaded machine); the test is
-    # about requeues working, not about how many a stage needs.
-    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 0.4",
-                      slurm={"time": '"1m"', "max_requeues": "20"})
+    # 144 steps of >= 1.5 s: cut at least twice (see LIMIT). max_requeues 20: the test is about requeues
+    # working, not about how many a stage needs on a loaded machine.
+    cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 1.5",
+                      slurm={"time": LIMIT, "max_requeues": "20"})
     submit(cfg)
     jobs = slurm_jobs
     done = wait_for(lambda: ended("requeue", jobs), REQUEUED_STAGE, "the stage's job to end")
@@ -197,7 +204,7 @@ def test_cancel_then_resume_continues_from_checkpoint(slurm_cluster: None, slurm
 def test_ddp_two_tasks_survive_a_requeue(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
                                          tmp_path: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, "ddp", stage("wide", 16, 2, 12, 'init_from = "none"'),
-                      options="step_sleep = 0.6", slurm={"time": '"1m"', "tasks_per_node": "2", "max_requeues": "20"})
+                      options="step_sleep = 1.6", slurm={"time": LIMIT, "tasks_per_node": "2", "max_requeues": "20"})
     submit(cfg)
     jobs = slurm_jobs
     done = wait_for(lambda: ended("ddp", jobs), REQUEUED_STAGE, "the DDP stage's job to end")
