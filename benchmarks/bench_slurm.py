@@ -161,7 +161,7 @@ def sacct_times(ids: list[str]) -> dict[str, tuple[datetime | None, datetime | N
     return res
 
 
-def edge_delays(ids: list[str], timeout: float = 60) -> list[float]:
+def edge_delays(ids: list[str], timeout: float = 300) -> list[float]:
     """Seconds from each job's End to the next job's Start (ids in chain order); waits for sacct to catch up."""
     deadline = time.monotonic() + timeout
     while True:
@@ -395,7 +395,7 @@ def chain_round(work: Path, data: Path, n_sleep: int, r: int) -> dict[str, Any]:
                   "-J", f"{PREFIX}-sleep{r}-{i}", "-o", "/dev/null", *dep, "--wrap", "sleep 1"]).stdout
         base.append(out.strip().split(";")[0])
         SUBMITTED.add(base[-1])
-    final = wait_final(ids + base, 300, "the 3-stage chain and the sleep chain")
+    final = wait_final(ids + base, 900, "the 3-stage chain and the sleep chain")
     bad = {j: s for j, s in final.items() if s != "COMPLETED"}
     if bad:
         raise BenchError(f"chain jobs did not complete: {bad} (logs under {jobs / run})")
