@@ -24,7 +24,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from progressive.checkpoint import (
     save_atomic,
     step_path,
 )
-from progressive.config import parse_duration_min
+from progressive.units import parse_duration_min
 from progressive.distributed import (
     DistInfo,
     barrier,
@@ -150,7 +149,7 @@ def _seed(*parts: Any) -> int:
 def _worker_init(user_init: Callable[[int], None], signums: tuple[int, ...], worker_id: int) -> None:
     # The pre-timeout signal and Ctrl-C go to the whole process group; workers must outlive them
     # so the main process can finish its step and checkpoint, whatever the task's own init does.
-    from progressive.data.loader import ignore_job_signals
+    from progressive.signals import ignore_job_signals
 
     ignore_job_signals(signums)
     user_init(worker_id)
@@ -286,9 +285,9 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
     sampler = ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size, shuffle=True)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)  # checks the data order's seed; the loop sets the position
-    from progressive.data.loader import JOB_SIGNALS
+    from progressive.signals import job_signals
 
-    signums = tuple({*JOB_SIGNALS, getattr(signal, f"SIG{stage.slurm.signal}")})
+    signums = job_signals(stage.slurm.signal)
     loader = DataLoader(train_ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=task.collate,
                         num_workers=tc.num_workers, pin_memory=dev.type == "cuda", drop_last=False,
                         # Its own generator: iter(loader) would otherwise draw from the global torch RNG,

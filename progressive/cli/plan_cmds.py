@@ -88,7 +88,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def plan_json(plan: "Plan") -> dict[str, Any]:
     """The plan as JSON-able data, with each stage's sbatch script."""
-    from progressive.slurm import render_script
+    from progressive.backends.slurm import render_script
 
     out = plan.model_dump(mode="json", exclude={"stages"})
     out["stages"] = []
@@ -176,7 +176,7 @@ def show_scripts(plan: "Plan") -> None:
     """Print every stage's sbatch script (dependencies shown as afterok:<parent>)."""
     from rich.rule import Rule
 
-    from progressive.slurm import render_script
+    from progressive.backends.slurm import render_script
 
     con = console()
     for st in plan.stages:

@@ -15,13 +15,8 @@ from progressive.errors import RunError
 STATE_STYLE = {
     "completed": "green", "running": "cyan", "pending": "blue", "blocked": "bold red", "failed": "red",
     "timeout": "yellow", "cancelled": "magenta", "stopped": "yellow", "unknown": "dim", "not submitted": "dim",
+    "not started": "dim", "pruned": "dim", "suspended": "yellow",
 }
-
-
-def _job_fn() -> Any:
-    from progressive.job import run_stage_job
-
-    return run_stage_job
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -88,7 +83,8 @@ def _positive_seconds(text: str) -> float:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of `progressive submit`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.backends import get_backend
 
     plan = load_plan(args)
     if args.dry_run:
@@ -96,7 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         show_scripts(plan)
         return 0
     config_text = Path(args.config).read_text(encoding="utf-8")
-    rec = orchestrate.submit(plan, config_text, job_fn=_job_fn(), local=args.local)
+    rec = runs.submit(plan, config_text, get_backend("local" if args.local else "slurm"))
     con = console()
     if args.local:
         con.print(f"run [bold]{rec.run_name}[/] on this machine; records in {rel(rec.run_dir)}")
@@ -118,7 +114,7 @@ def _run_local(rec: Any) -> int:
     """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from progressive.local import run_local
+    from progressive.backends.local import run_local
 
     con = console()
     tasks: dict[str, Any] = {}
@@ -162,7 +158,7 @@ def show_results(rec: Any) -> None:
     """
     from rich.table import Table
 
-    from progressive.record import tail_objects
+    from progressive.metrics import tail_objects
 
     rows = []
     keys: list[str] = []
@@ -195,19 +191,19 @@ def _num(v: Any) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `progressive status`."""
-    from progressive import orchestrate
+    from progressive import record, runs
+    from progressive.states import FINAL
+    from progressive.status import stage_statuses
 
-    from progressive import record
-
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    rec = runs.find_run(Path(args.jobs), args.run, verb="status")
     while True:
         rec = record.load(rec.run_dir)  # a resume in between changes the job ids
-        statuses = orchestrate.stage_statuses(rec)
+        statuses = stage_statuses(rec)
         if args.json:
             print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
         else:
             _show_status(rec, statuses)
-        if not args.watch or all(s.state not in ("pending", "running", "suspended") for s in statuses):
+        if not args.watch or all(s.state in FINAL for s in statuses):
             return 0
         time.sleep(args.watch)
 
@@ -226,7 +222,7 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
         t.add_column(col)
     for s in statuses:
-        style = STATE_STYLE.get(s.state, "")
+        style = STATE_STYLE.get(s.state.value, "")
         progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
         ckpt = s.final_checkpoint or s.checkpoint
         t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
@@ -237,7 +233,7 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     for s in statuses:
         if s.state == "blocked":
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
-        elif s.fix and s.state != "not submitted":
+        elif s.fix:
             con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
                       f"Continue with: [bold]{s.fix}[/]")
 
@@ -246,16 +242,18 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Handler of `progressive resume`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.backends import get_backend
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
-    if rec.mode == "local":
+    rec = runs.find_run(Path(args.jobs), args.run, verb="resume")
+    backend = get_backend(rec.mode)
+    actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
+    if backend.runs_in_process:
         if args.dry_run:
-            for a in orchestrate.plan_resume(rec):
+            for a in actions:
                 console().print(f"{a.stage}: {'skip (completed)' if a.action.startswith('skip') else 'run locally'}")
             return 0
         return _run_local(rec)
-    actions = orchestrate.resume(rec, job_fn=_job_fn(), dry_run=args.dry_run)
     from rich.table import Table
 
     t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
@@ -272,11 +270,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Handler of `progressive cancel`."""
-    from progressive import orchestrate
+    from progressive import runs
     from progressive.cli.plan_cmds import split_stages
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
-    ids = orchestrate.cancel(rec, split_stages(args.stages))
+    rec = runs.find_run(Path(args.jobs), args.run, verb="cancel")
+    ids = runs.cancel(rec, split_stages(args.stages))
     console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
                     f"continue later with: progressive resume {rec.run_name}")
     return 0
@@ -284,13 +282,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Handler of `progressive logs [RUN] STAGE`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.status import log_files
 
     if len(args.args) > 2:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
-    rec = orchestrate.find_run(Path(args.jobs), run)
-    files = orchestrate.log_files(rec, stage)
+    rec = runs.find_run(Path(args.jobs), run, verb="logs")
+    files = log_files(rec, stage)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
     if not existing:
@@ -318,10 +317,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Handler of `progressive demo`: tiny data, tiny curriculum, locally, then the result table."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.backends import get_backend
     from progressive.cli.plan_cmds import data_counts
     from progressive.config import load_config
-    from progressive.data.generate import generate_dataset
+    from progressive.data.generate import generate
     from progressive.plan import build_plan
 
     config = Path(args.config) if args.config else Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
@@ -332,13 +332,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not data.is_file():
         con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
         data.parent.mkdir(parents=True, exist_ok=True)
-        generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
+        generate(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
     plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
-    existing = Path(plan.run_dir) / "run.json"
-    if existing.is_file():
-        rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name)
+    if plan.layout.record.is_file():
+        rec = runs.find_run(Path(plan.run_dir).parent, plan.run_name, verb="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
         show_plan(plan)
-        rec = orchestrate.submit(plan, config.read_text(encoding="utf-8"), job_fn=_job_fn(), local=True)
+        rec = runs.submit(plan, config.read_text(encoding="utf-8"), get_backend("local"))
     return _run_local(rec)

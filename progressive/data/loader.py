@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -26,20 +25,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from progressive.data.format import SPLITS, BucketReader, Sample, block_sample, open_bucket
 from progressive.errors import CheckpointError, DataError
+from progressive.signals import ignore_job_signals
 
-__all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag", "ignore_job_signals",
-           "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES", "JOB_SIGNALS"]
+__all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag",
+           "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES"]
 
 # `in_memory=None` loads a bucket whole when it needs at most this much RAM: in the benchmark
 # (benchmarks/results/data.md) the in-memory dataset served an epoch ~7x faster than lazy reads,
 # and the largest default bucket needs ~0.04 GB.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
-
-# Slurm signals every process of a job step; the trainer in the main process handles these,
-# and a DataLoader worker killed by one would take the epoch down with it.
-JOB_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
-                    if hasattr(signal, name))
-
 
 class BucketDataset(Dataset[Sample]):
     """The samples of one bucket (matrix size n) and split of a dataset file.
@@ -260,15 +254,12 @@ def collate_block_diag(samples: Sequence[Sample]) -> Batch:
 
 # --------------------------------------------------------------------------- workers and the loader
 
-def ignore_job_signals(signals: Sequence[int] = JOB_SIGNALS) -> None:
-    """Ignore the job's signals (USR1, USR2, TERM, INT, HUP) in this process: for DataLoader workers,
-    which Slurm signals along with the trainer; the trainer reacts, and the workers end with it."""
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker_init_fn: ignore the job's signals (the handle opens lazily on first read)."""
+    """DataLoader worker_init_fn: ignore the job's signals (the handle opens lazily on first read).
+
+    Slurm signals every process of a job step; the trainer in the main process reacts, and a
+    worker killed by one would take the epoch down with it.
+    """
     ignore_job_signals()
 
 
