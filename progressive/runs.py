@@ -61,7 +61,8 @@ def submit(plan: Plan, config_text: str, backend: Backend) -> RunRecord:
     with record.locked(plan.run_dir):
         old = _load_or_none(plan.run_dir)
         if old is not None:
-            live = [s.name for s in stage_statuses(old) if s.state in LIVE]
+            same = backend if backend.name == old.mode else get_backend(old.mode)  # who ran it before
+            live = [s.name for s in stage_statuses(old, same) if s.state in LIVE]
             if live:
                 raise RunError(f"run {plan.run_name!r} still has live jobs: {', '.join(live)}", loc="submit",
                                hint="watch it with `progressive status`, cancel it with `progressive cancel`, "
