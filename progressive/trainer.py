@@ -226,7 +226,7 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
             or of the wrong shapes.
         ConfigError / DataError: bad task, world size unlike the plan's, data unlike the plan's.
     """
-    rank, world, local = env_world()
+    _, _, local = env_world()
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -249,8 +249,10 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         raise ConfigError(f"the stage was planned for {stage.world_size} process(es) but runs with {dist.world_size}",
                           loc=f"stage {stage.name!r}",
                           hint="launch one process per task (nodes x tasks_per_node), or change [slurm] to match")
-    if Path(stage.final_checkpoint).is_file():
-        return _already_completed(stage)  # a requeue racing the end, a re-run: not trained twice
+    if Path(stage.final_checkpoint).is_file():  # a requeue racing the end, a re-run: not trained twice
+        final = load_final(stage.final_checkpoint, stage.fingerprint)
+        return StageOutcome("completed", int(final.step), int(final.total_steps), str(Path(stage.final_checkpoint)),
+                            final.metrics or {})
 
     job = _setup(plan, stage, dist, dev)
     state = _restore(job)
@@ -283,12 +285,6 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
 
 
 # --------------------------------------------------------------------------- set-up and restore
-
-
-def _already_completed(stage: StagePlan) -> StageOutcome:
-    """The outcome recorded in a completed stage's final.pt (refused if written under other settings)."""
-    final = load_final(stage.final_checkpoint, stage.fingerprint)
-    return StageOutcome("completed", int(final.step), int(final.total_steps), stage.final_checkpoint, final.metrics or {})
 
 
 def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _Job:
@@ -489,7 +485,7 @@ def _finish(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcom
     if state.last_saved_step != job.total:
         _save(job, state, metrics, "end")
     results: dict[str, float] = broadcast_from_rank0(_evaluate(job), job.dist)
-    final_path = job.stage.final_checkpoint
+    final_path = str(Path(job.stage.final_checkpoint))
     if job.dist.is_main:
         ident = job.ident
         final = FinalCheckpoint(stage=ident.stage, fingerprint=ident.fingerprint, step=job.total, total_steps=job.total,
