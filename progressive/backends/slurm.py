@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 import shutil
 import subprocess
 from functools import lru_cache
@@ -149,7 +150,7 @@ def render_script(plan: Plan, stage: StagePlan) -> str:
 
 def with_dependency(script: str, dependency: str | None) -> str:
     """`script` with its dependency line set to `dependency` (removed for None); nothing else changes."""
-    line = f"#SBATCH --dependency={dependency}\n" if dependency else ""
+    line = f"#SBATCH --dependency={shlex.quote(dependency)}\n" if dependency else ""  # as submitit writes it
     if DEPENDENCY_RE.search(script):
         return DEPENDENCY_RE.sub(lambda _: line, script, count=1)
     if not line:

@@ -13,11 +13,12 @@ The only data module that imports torch. Typical use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from progressive.data.format import SPLITS, BucketReader, Sample, block_sample, open_bucket
 from progressive.errors import CheckpointError, DataError
-from progressive.signals import ignore_job_signals
+from progressive.signals import JOB_SIGNALS, ignore_job_signals
 
 __all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag",
            "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES"]
@@ -263,14 +264,32 @@ def worker_init_fn(worker_id: int) -> None:
     ignore_job_signals()
 
 
-def make_loader(dataset: Dataset[Sample], sampler: Sampler[int], batch_size: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader[Sample]:
-    """A DataLoader yielding Batch: last batch partial (not dropped), workers ignore job signals.
+def _init_worker(signals: tuple[int, ...], then: Callable[[int], None] | None, worker_id: int) -> None:
+    # The pre-timeout signal and Ctrl-C go to the whole process group; workers must outlive them
+    # so the main process can finish its step and checkpoint, whatever `then` (a task's init) does.
+    ignore_job_signals(signals)
+    if then is not None:
+        then(worker_id)
+
+
+def make_loader(dataset: Dataset[Any], sampler: Sampler[int], batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False, *, collate_fn: Callable[[list[Any]], Any] = collate_block_diag,
+                worker_init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_SIGNALS,
+                generator: torch.Generator | None = None) -> DataLoader[Any]:
+    """A DataLoader yielding batches: last batch partial (not dropped), workers ignore job signals.
 
     num_workers=0 is the measured best on 2 cores; with workers, an in-memory dataset not yet loaded
-    is loaded by each worker (load() it first to share it through fork).
+    is loaded by each worker (load() it first to share it through fork). Workers persist across epochs.
+
+    Args:
+        collate_fn: samples -> batch (default: one block-diagonal `Batch`; the trainer passes its task's).
+        worker_init: run in each worker after it has ignored `signals` (e.g. a task's `worker_init_fn`).
+        signals: the signals workers ignore (default JOB_SIGNALS; add the job's own pre-timeout signal).
+        generator: the loader's own RNG for worker seeds; without one, every `iter(loader)` draws from
+            torch's global RNG, which a resumed job would then see at a different point.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_block_diag, pin_memory=pin_memory, drop_last=False,
-                      worker_init_fn=worker_init_fn if num_workers > 0 else None,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=False, generator=generator,
+                      worker_init_fn=functools.partial(_init_worker, tuple(signals), worker_init)
+                      if num_workers > 0 else None,
                       persistent_workers=num_workers > 0)
