@@ -287,8 +287,8 @@ def cancel(rec: RunRecord, stages: list[str] | None = None) -> list[str]:
     return ids
 
 
-def find_run(jobs_root: Path, run: str | None) -> RunRecord:
-    """The named run, or the most recently updated one under jobs_root."""
+def find_run(jobs_root: Path, run: str | None, *, command: str) -> RunRecord:
+    """The named run, or the most recently updated one under jobs_root; `command` names the verb in errors."""
     if run:
         from progressive.config import validate_name
 
@@ -299,7 +299,7 @@ def find_run(jobs_root: Path, run: str | None) -> RunRecord:
         return record.load(jobs_root / run)
     runs = record.list_runs(jobs_root)
     if not runs:
-        raise RunError(f"no runs under {jobs_root}", loc="status",
+        raise RunError(f"no runs under {jobs_root}", loc=command,
                        hint="submit one with `progressive submit` (or `progressive submit --local`)")
     return record.load(runs[0])
 

@@ -199,7 +199,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from progressive import record
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    rec = orchestrate.find_run(Path(args.jobs), args.run, command="status")
     while True:
         rec = record.load(rec.run_dir)  # a resume in between changes the job ids
         statuses = orchestrate.stage_statuses(rec)
@@ -248,7 +248,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Handler of `progressive resume`."""
     from progressive import orchestrate
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    rec = orchestrate.find_run(Path(args.jobs), args.run, command="resume")
     if rec.mode == "local":
         if args.dry_run:
             for a in orchestrate.plan_resume(rec):
@@ -275,7 +275,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from progressive import orchestrate
     from progressive.cli.plan_cmds import split_stages
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    rec = orchestrate.find_run(Path(args.jobs), args.run, command="cancel")
     ids = orchestrate.cancel(rec, split_stages(args.stages))
     console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
                     f"continue later with: progressive resume {rec.run_name}")
@@ -289,7 +289,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if len(args.args) > 2:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
-    rec = orchestrate.find_run(Path(args.jobs), run)
+    rec = orchestrate.find_run(Path(args.jobs), run, command="logs")
     files = orchestrate.log_files(rec, stage)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
@@ -336,7 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
     existing = Path(plan.run_dir) / "run.json"
     if existing.is_file():
-        rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name)
+        rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name, command="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
         show_plan(plan)
