@@ -102,9 +102,11 @@ def load(run_dir: str | Path) -> RunRecord:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RunError("no run record here", loc=str(path),
-                       hint=f"check the run name (runs are the folders under {Path(run_dir).parent}), or submit one with "
-                            "`progressive submit`") from None
+        root = path.parent.parent
+        names = [p.name for p in list_runs(root)]
+        hint = (f"runs under {root}: {', '.join(names)}; see one with `progressive status RUN`" if names
+                else f"there are no runs under {root}; submit one with `progressive submit`")
+        raise RunError("no run record here", loc=str(path), hint=hint) from None
     try:
         return RunRecord.model_validate_json(text)
     except ValidationError as exc:

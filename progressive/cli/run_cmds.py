@@ -54,7 +54,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.set_defaults(handler=cmd_cancel)
 
     d = sub.add_parser("demo", help="make a tiny dataset and run the tiny curriculum on this machine (minutes)")
-    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: examples/tiny.toml)")
+    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in copy of examples/tiny.toml,"
+                   " writing data/, jobs/ and checkpoints/ under the current folder)")
     d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
     d.set_defaults(handler=cmd_demo)
 
@@ -324,8 +325,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from progressive.data.generate import generate
     from progressive.plan import build_plan
 
-    config = Path(args.config) if args.config else Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
-    cfg = load_config(config)
+    if args.config:  # the user's graph: its relative paths are taken from its folder, as everywhere
+        config = Path(args.config)
+        cfg = load_config(config)
+        config_text = config.read_text(encoding="utf-8")
+    else:  # the packaged graph: data/, jobs/ and checkpoints/ go under the current folder
+        from progressive.demo import builtin_graph, builtin_graph_path
+
+        config = builtin_graph_path()
+        cfg, config_text = builtin_graph(Path.cwd())
     con = console()
     data = (config.parent / cfg.run.data).resolve()
     buckets = sorted({st.bucket for st in cfg.stage})
@@ -339,5 +347,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
         show_plan(plan)
-        rec = runs.submit(plan, config.read_text(encoding="utf-8"), get_backend("local"))
+        rec = runs.submit(plan, config_text, get_backend("local"))
     return _run_local(rec)
