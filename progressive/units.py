@@ -29,10 +29,10 @@ def parse_duration_min(value: str | int | float) -> int:
     if isinstance(value, (int, float)):
         minutes = float(value)
     else:
-        text = value.strip().lower()
-        minutes = _parse_duration_text(text)
-        if minutes is None:
+        parsed = _parse_duration_text(value.strip().lower())
+        if parsed is None:
             raise ValueError(f"cannot parse {value!r} as a duration; use {TIME_FORMATS}")
+        minutes = parsed
     if not math.isfinite(minutes) or minutes <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
     return max(1, math.ceil(minutes - 1e-9))

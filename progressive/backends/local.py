@@ -13,6 +13,7 @@ continues from its last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -161,9 +162,11 @@ def run_local(rec: RunRecord, *, on_progress: Optional[Progress] = None,
             if on_stage:
                 on_stage(st.name, "start", None)
             handler = _file_logger(rec.layout.stage(st.name).local_log)
+            forward: Callable[[dict[str, Any]], None] | None = None
+            if on_progress is not None:
+                forward = functools.partial(on_progress, st.name)
             try:
-                outcome = train_stage(rec.plan, st, stop_requested=flag,
-                                      on_progress=(lambda m, n=st.name: on_progress(n, m)) if on_progress else None)
+                outcome = train_stage(rec.plan, st, stop_requested=flag, on_progress=forward)
             except Exception as exc:  # a ProgressiveError or a bug in the task: recorded, then re-raised
                 _set_state(rec, st.name, StageState.FAILED, None)
                 if on_stage:
