@@ -278,3 +278,9 @@ def test_state_sets_agree() -> None:
     assert RUNNING_OR_QUEUED < LIVE and S.BLOCKED in LIVE and S.BLOCKED in RESUMABLE
     assert FINAL == frozenset(S) - RUNNING_OR_QUEUED and not (RESUMABLE & RUNNING_OR_QUEUED)
     assert "pending" in LIVE and S("not started") in RESUMABLE  # states and their words are interchangeable
+
+
+def test_every_state_has_a_status_colour() -> None:
+    from progressive.cli.run_cmds import STATE_STYLE
+
+    assert set(STATE_STYLE) == set(StageState)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from progressive.errors import DataError
+from progressive.signals import INTERRUPT_SIGNALS
 
 
 
@@ -129,7 +130,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
         if len(caught) > 1:
             raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in INTERRUPT_SIGNALS}
     try:
         with _bar(label, console()) as update:
             def checked(done: int, total: int) -> None:

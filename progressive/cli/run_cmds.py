@@ -11,11 +11,15 @@ from typing import Any
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
 from progressive.cli.render import console
 from progressive.errors import RunError
+from progressive.states import StageState
 
-STATE_STYLE = {
-    "completed": "green", "running": "cyan", "pending": "blue", "blocked": "bold red", "failed": "red",
-    "timeout": "yellow", "cancelled": "magenta", "stopped": "yellow", "unknown": "dim", "not submitted": "dim",
-    "not started": "dim", "pruned": "dim", "suspended": "yellow",
+S = StageState
+
+# How `status` colours each state (every StageState has one: a test checks).
+STATE_STYLE: dict[StageState, str] = {
+    S.COMPLETED: "green", S.RUNNING: "cyan", S.PENDING: "blue", S.SUSPENDED: "yellow", S.BLOCKED: "bold red",
+    S.FAILED: "red", S.TIMEOUT: "yellow", S.CANCELLED: "magenta", S.STOPPED: "yellow", S.PRUNED: "dim",
+    S.UNKNOWN: "dim", S.NOT_SUBMITTED: "dim", S.NOT_STARTED: "dim",
 }
 
 
@@ -223,7 +227,7 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
         t.add_column(col)
     for s in statuses:
-        style = STATE_STYLE.get(s.state.value, "")
+        style = STATE_STYLE[s.state]
         progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
         ckpt = s.final_checkpoint or s.checkpoint
         t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
@@ -232,7 +236,7 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     con = console()
     con.print(t)
     for s in statuses:
-        if s.state == "blocked":
+        if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
         elif s.fix:
             con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
