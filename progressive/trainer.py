@@ -408,19 +408,24 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         if st.last_saved_step != total:
             save_state("end")
         results: dict[str, float] = {}
+        t_eval = time.perf_counter()
         if dist.is_main and tc.eval_samples > 0 and (stage.samples is None or stage.samples.get("val", 0) > 0):
             raw_model.eval()
             results = task.evaluate(raw_model, task.dataset(plan.data_path, stage.bucket, "val"), device=dev,
                                     max_samples=tc.eval_samples)
         results = broadcast_from_rank0(results, dist)
+        eval_s = time.perf_counter() - t_eval
         if dist.is_main:
+            t_save = time.perf_counter()
             save_atomic({"format": FORMAT, "kind": "final", "stage": stage.name, "fingerprint": fingerprint,
                          "step": total, "total_steps": total, "train_samples": n_train, "world_size": dist.world_size,
                          "elapsed_s": st.elapsed_s, "model": raw_model.state_dict(), "metrics": results,
                          "saved_at": now_iso(), "torch_version": str(torch.__version__)}, final_path)
             log.info("stage %s: completed, final weights %s", stage.name, final_path)
+            # eval_s / final_save_s: where the end of a stage's time goes (`progressive report`).
             metrics.write({"event": "completed", "step": total, "total_steps": total, "checkpoint": str(final_path),
-                           "elapsed_s": st.elapsed_s, "eval": results, "time": time.time()})
+                           "elapsed_s": st.elapsed_s, "eval": results, "eval_s": eval_s,
+                           "final_save_s": time.perf_counter() - t_save, "time": time.time()})
         barrier(dist)
         return StageOutcome("completed", total, total, str(final_path), results, st.resumed_from)
     finally:
