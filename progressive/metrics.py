@@ -12,9 +12,12 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: `read_metrics` serves `progressive report`, which must not need it.
 
 __all__ = ["MetricsWriter", "peak_memory_mb", "read_metrics"]
 
@@ -22,6 +25,8 @@ __all__ = ["MetricsWriter", "peak_memory_mb", "read_metrics"]
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         # VmHWM belongs to this process image; getrusage's maxrss survives exec, so a job started by a
