@@ -15,7 +15,7 @@ from progressive.errors import MissingDependencyError
 
 if TYPE_CHECKING:
     from progressive.report.accounting import Accounting
-    from progressive.report.series import CurveData
+    from progressive.report.series import CurveData, Series
     from progressive.report.transfer import TransferResult
 
 __all__ = ["require_matplotlib", "loss_figures", "lr_figure", "time_figure", "transfer_figure"]
@@ -60,6 +60,13 @@ def _marks(ax: Any, data: "CurveData", x: str) -> None:
         seen.add(m.kind)
 
 
+def _plot_pieces(ax: Any, s: "Series", x: str, colour: Any, label: str) -> None:
+    # One line per segment: no line drawn across a queue wait, nor back over redone steps.
+    xs = getattr(s, x)
+    for k, (a, b) in enumerate(s.pieces()):
+        ax.plot(xs[a:b], s.values[a:b], color=colour, linewidth=1.1, label=label if k == 0 else None)
+
+
 def loss_figures(data: "CurveData", out: Path) -> dict[str, Path]:
     """loss_step.png and loss_time.png: training loss (log scale), validation loss at each stage's end."""
     plt = require_matplotlib()
@@ -69,7 +76,7 @@ def loss_figures(data: "CurveData", out: Path) -> dict[str, Path]:
                             ("minutes", "loss_time.png", "wall time since the run started (minutes)")):
         fig, ax = plt.subplots(figsize=(9, 4.8))
         for s in data.loss:
-            ax.plot(getattr(s, x), s.values, color=colours[s.stage], linewidth=1.1, label=f"{s.stage} (train)")
+            _plot_pieces(ax, s, x, colours[s.stage], f"{s.stage} (train)")
         for stage, step, minutes, value in data.val_loss:
             ax.plot([step if x == "global_step" else minutes], [value], marker="D", markersize=7, linestyle="none",
                     color=colours.get(stage, "k"), markeredgecolor="black", label=f"{stage} (validation)")
@@ -92,7 +99,7 @@ def lr_figure(data: "CurveData", out: Path) -> Path:
     colours = _colours([s.stage for s in data.lr])
     fig, ax = plt.subplots(figsize=(9, 3.2))
     for s in data.lr:
-        ax.plot(s.global_step, s.values, color=colours[s.stage], label=s.stage)
+        _plot_pieces(ax, s, "global_step", colours[s.stage], s.stage)
     _marks(ax, data, "global_step")
     ax.set_xlabel("global optimizer step")
     ax.set_ylabel("learning rate")

@@ -22,6 +22,16 @@ class Series:
     global_step: list[int] = field(default_factory=list)
     minutes: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)  # which segment logged each point (lines break between them)
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """[start, end) index ranges of consecutive points from one segment."""
+        out, start = [], 0
+        for i in range(1, len(self.segment) + 1):
+            if i == len(self.segment) or self.segment[i] != self.segment[start]:
+                out.append((start, i))
+                start = i
+        return out
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ def _series(run: RunData, st: StageData, offset: int, attr: str) -> Series:
         s.global_step.append(offset + p.step)
         s.minutes.append(_minutes(run, p.time))
         s.values.append(value)
+        s.segment.append(p.segment)
     return s
 
 
