@@ -204,6 +204,7 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
 
 def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop_requested: Callable[[], bool],
            on_progress: Callable[[dict[str, Any]], None] | None) -> StageOutcome:
+    entered = time.time()  # set-up (task, data, model, checkpoint load) is timed for `progressive report`
     tc = stage.train
     loc = f"stage {stage.name!r}"
     if dist.world_size != stage.world_size:
@@ -311,7 +312,7 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
                    "resumed_from": st.resumed_from,
                    "init_from": None if st.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
                    "world_size": dist.world_size, "device": str(dev),
-                   "precision": precision, "time": job_start, "notes": metrics.notes})
+                   "precision": precision, "time": job_start, "setup_s": job_start - entered, "notes": metrics.notes})
 
     def save_state(reason: str) -> Path:
         # Every rank hands its RNG states to rank 0, which writes one file for all of them.

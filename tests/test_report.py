@@ -161,6 +161,7 @@ def test_report_of_an_interrupted_local_run(interrupted_run: dict[str, Any]) -> 
     assert acc.source == "metrics" and ta.segments == 3 and tb.segments == 1
     assert ta.redone_steps == redone and ta.redone_s > 0 and tb.redone_s == 0
     assert ta.queue_wait_s > 0  # the pauses until each `resume`
+    assert ta.startup_s >= sum(e["setup_s"] for e in starts) > 0  # each process's set-up before its first step
     assert ta.checkpoint_s == pytest.approx(sum(e["seconds"] for e in ev_a if e.get("event") == "checkpoint")
                                             + done_a["final_save_s"])
     assert ta.eval_s == pytest.approx(done_a["eval_s"])

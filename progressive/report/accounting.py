@@ -2,8 +2,8 @@
 
 Allocated time is what the cluster charged: on Slurm the Elapsed of every attempt of
 every job of the stage, requeued attempts included (`sacct --duplicates` lists them);
-locally the wall time of each segment (from the trainer's `start` event: the process's
-imports before it are not seen). Inside it:
+locally the wall time of each segment from the start of the trainer's set-up (the
+process's imports before it are not seen). Inside it:
 
 - useful: optimizer steps that count (not redone);
 - start-up: allocation start -> first step begins (srun, imports, data, checkpoint load);
@@ -145,15 +145,15 @@ def _segment_parts(seg: Segment, acc: TimeAccount) -> None:
 
 
 def account_local(stage: StageData) -> TimeAccount:
-    """A local stage: each segment's wall time from its `start` event to its last event."""
+    """A local stage: each segment's wall time from the trainer's set-up to its last event."""
     acc = TimeAccount()
     prev_end: float | None = None
     for seg in stage.segments:
-        acc.allocated_s += max(0.0, seg.end_time - seg.start_time)
-        acc.startup_s += max(0.0, (seg.first_step_time or seg.end_time) - seg.start_time)
+        acc.allocated_s += seg.setup_s + max(0.0, seg.end_time - seg.start_time)
+        acc.startup_s += seg.setup_s + max(0.0, (seg.first_step_time or seg.end_time) - seg.start_time)
         _segment_parts(seg, acc)
         if prev_end is not None:
-            acc.queue_wait_s += max(0.0, seg.start_time - prev_end)  # until someone ran `resume`
+            acc.queue_wait_s += max(0.0, seg.start_time - seg.setup_s - prev_end)  # until someone ran `resume`
         prev_end = seg.end_time
     _close(acc)
     return acc

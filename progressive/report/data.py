@@ -46,6 +46,7 @@ class Segment:
     Attributes:
         index: 0-based position among the stage's segments.
         start_time: the `start` event (after the trainer's set-up: task, data, model, checkpoint load).
+        setup_s: that set-up's duration (0 in metrics written before the trainer recorded it).
         start_step: the step it started from (0, or its checkpoint's).
         resumed_from: the checkpoint it resumed, None for a fresh start.
         end: "completed", "stopped" (saved and left), "interrupted" (died: a later segment took over),
@@ -63,6 +64,7 @@ class Segment:
     start_time: float
     start_step: int
     resumed_from: str | None
+    setup_s: float = 0.0  # the trainer's set-up before its `start` event (task, data, model, checkpoint load)
     end: SegmentEnd = "open"
     end_time: float = 0.0
     first_step_time: float | None = None
@@ -158,7 +160,8 @@ def _fill(stage: StageData, events: list[dict[str, Any]]) -> None:
                 max_seen = max(max_seen, seg.last_step)
             step0 = int(ev.get("step") or 0)
             seg = Segment(index=len(stage.segments), start_time=t or 0.0, start_step=step0,
-                          resumed_from=ev.get("resumed_from"), end_time=t or 0.0, last_step=step0)
+                          resumed_from=ev.get("resumed_from"), setup_s=_num(ev.get("setup_s")) or 0.0,
+                          end_time=t or 0.0, last_step=step0)
             stage.segments.append(seg)
             # The checkpoint's step was logged by an earlier segment (unless log_every > 1: then the
             # nearest earlier logged step, which counts a few steps' time twice at most).

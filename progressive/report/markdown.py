@@ -148,8 +148,8 @@ def _time(acc: Accounting, figures: dict[str, str]) -> list[str]:
     lines = ["## Where the time went", "",
              ("Allocated time is Slurm's Elapsed of every attempt of every job (requeued attempts included, "
               "`sacct --duplicates`)" if acc.source == "sacct" else
-              "Allocated time is the wall time of each training segment, from the trainer's start event "
-              "(imports before it are not seen)")
+              "Allocated time is the wall time of each training segment, from the start of the trainer's set-up "
+              "(task, data, model, checkpoint; the process's imports before it are not seen)")
              + "; useful is the optimizer-step time that counts; start-up runs from the allocation's start to the "
                "first step; redone steps were logged twice (their first run was lost to a crash). The last two rows "
                "are outside the allocation: the time before the limit that a job stopped by the pre-timeout signal "
