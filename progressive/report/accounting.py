@@ -144,14 +144,19 @@ def _segment_parts(seg: Segment, acc: TimeAccount) -> None:
     acc.segments += 1
 
 
+def _from_events(seg: Segment, acc: TimeAccount) -> None:
+    """A segment seen only through its events: from the trainer's set-up to its last event."""
+    acc.allocated_s += seg.setup_s + max(0.0, seg.end_time - seg.start_time)
+    acc.startup_s += seg.setup_s + max(0.0, (seg.first_step_time or seg.end_time) - seg.start_time)
+    _segment_parts(seg, acc)
+
+
 def account_local(stage: StageData) -> TimeAccount:
     """A local stage: each segment's wall time from the trainer's set-up to its last event."""
     acc = TimeAccount()
     prev_end: float | None = None
     for seg in stage.segments:
-        acc.allocated_s += seg.setup_s + max(0.0, seg.end_time - seg.start_time)
-        acc.startup_s += seg.setup_s + max(0.0, (seg.first_step_time or seg.end_time) - seg.start_time)
-        _segment_parts(seg, acc)
+        _from_events(seg, acc)
         if prev_end is not None:
             acc.queue_wait_s += max(0.0, seg.start_time - seg.setup_s - prev_end)  # until someone ran `resume`
         prev_end = seg.end_time
@@ -184,7 +189,7 @@ def account_slurm(stage: StageData, attempts: list[Attempt], now: float) -> Time
     for i, a in enumerate(started):
         assert a.start is not None
         end = a.end if a.end is not None else now
-        elapsed = a.elapsed_s if a.end is not None or not a.elapsed_s else max(a.elapsed_s, end - a.start)
+        elapsed = a.elapsed_s if a.end is not None else max(a.elapsed_s, now - a.start)  # still running
         acc.allocated_s += elapsed
         acc.cpu_s += elapsed * a.cpus
         acc.gpu_s += elapsed * a.gpus
@@ -201,6 +206,10 @@ def account_slurm(stage: StageData, attempts: list[Attempt], now: float) -> Time
         if prev_end is not None:
             acc.queue_wait_s += max(0.0, a.start - prev_end)
         prev_end = end
+    seen = {id(seg) for seg in matched.values()}
+    for seg in stage.segments:
+        if id(seg) not in seen:  # sacct has not recorded its attempt (yet): count what its events show
+            _from_events(seg, acc)
     _close(acc)
     return acc
 
