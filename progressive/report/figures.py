@@ -136,19 +136,34 @@ def time_figure(acc: "Accounting", out: Path) -> Path:
 
 
 def transfer_figure(result: "TransferResult", out: Path) -> Path:
-    """transfer.png: heat map of the primary metric, rows = stage weights, columns = bucket evaluated on."""
+    """transfer.png: heat map, rows = stage weights, columns = bucket evaluated on.
+
+    Cells show the primary metric; colours compare it within its column (1 = the best
+    weights for that bucket), since raw values mostly grow with n and would hide that.
+    """
     plt = require_matplotlib()
     grid = [[result.value(s, b) for b in result.buckets] for s in result.stages]
-    shown = [[v if v is not None else math.nan for v in row] for row in grid]
+    rel: list[list[float]] = [[math.nan] * len(result.buckets) for _ in result.stages]
+    for j in range(len(result.buckets)):
+        col = [v for row in grid if (v := row[j]) is not None]
+        best = (min(col) if result.lower_is_better else max(col)) if col else None
+        for i, row in enumerate(grid):
+            v = row[j]
+            if v is not None and best:
+                rel[i][j] = v / best if result.lower_is_better else best / v
     fig, ax = plt.subplots(figsize=(1.4 * len(result.buckets) + 3, 0.6 * len(result.stages) + 1.8))
-    im = ax.imshow(shown, cmap="viridis_r" if result.lower_is_better else "viridis", aspect="auto")
+    im = ax.imshow(rel, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(result.buckets)), [f"n={b}" for b in result.buckets])
     ax.set_yticks(range(len(result.stages)), result.stages)
+    finite = [r for row in rel for r in row if math.isfinite(r)]
+    middle = (min(finite) + max(finite)) / 2 if finite else 1.0
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, "-" if v is None else f"{v:.3g}", ha="center", va="center", color="white", fontsize=8)
+            dark = math.isfinite(rel[i][j]) and rel[i][j] > middle
+            ax.text(j, i, "-" if v is None else f"{v:.3g}", ha="center", va="center",
+                    color="white" if dark else "black", fontsize=8)
     ax.set_xlabel("evaluated on the validation split of bucket")
     ax.set_ylabel("final weights of stage")
     ax.set_title(f"Transfer matrix: {result.metric}")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="relative to the best weights for the bucket (1 = best)")
     return _save(fig, out / "transfer.png")
