@@ -115,7 +115,8 @@ def results(tmp: Path, wall: float, report_s: float, transfer_s: float) -> str:
                 continue
             per_seg.append({"allocated": a.elapsed_s, "useful": seg.useful_s,
                             "startup": (seg.first_step_time or seg.end_time) - a.start,
-                            "checkpoint": seg.checkpoint_s, "shutdown": a.end - seg.end_time,
+                            # sacct's End is whole seconds: clamp the sub-second remainder at 0, as the report does
+                            "checkpoint": seg.checkpoint_s, "shutdown": max(0.0, a.end - seg.end_time),
                             "before_limit": (a.time_limit_s or 0) + a.start - a.end})
             nxt = attempts[i + 1] if i + 1 < len(attempts) else None
             if nxt is not None and nxt.start is not None:
@@ -151,6 +152,10 @@ def results(tmp: Path, wall: float, report_s: float, transfer_s: float) -> str:
               "|---:|---:|---:|---:|---:|---:|---:|",
               f"| {med['allocated']:.1f} | {med['useful']:.1f} | {med['startup']:.1f} | {med['checkpoint']:.2f} | "
               f"{med['shutdown']:.1f} | {med['before_limit']:.1f} | {statistics.median(waits) if waits else float('nan'):.1f} |",
+              "",
+              f"sacct reports whole seconds (Start, End, Elapsed), so each per-segment figure is good to about 1 s. "
+              f"The signal came a median {med['before_limit']:.0f} s before the 1-minute limit, not {DELAY_S} s: "
+              "Slurm checks time limits on a coarse timer, which is what makes 1-minute segments this short.",
               ""]
     eight = 8 * 3600 - 120  # allocated length of an 8-hour job stopped by the default signal, 120 s early
     lines += [f"Fixed per-segment overhead o = allocated - useful = **{overhead:.1f} s** (median). For a segment of "
