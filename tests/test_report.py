@@ -82,6 +82,9 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path
     metrics = tmp / "jobs" / "rep" / "stages" / "a" / "metrics.jsonl"
     first = run_until(["submit", "--local", "-c", str(cfg)], tmp, metrics, 8, signal.SIGINT)
     assert first.returncode == 130 and "stopped a at step" in first.stdout, first.stdout + first.stderr
+    unfinished = run_cli("report", "rep", cwd=tmp, env=ENV)  # a report of the run as it stands now
+    assert unfinished.returncode == 0, unfinished.stdout + unfinished.stderr
+    early = (tmp / "jobs" / "rep" / "report" / "index.md").read_text()
     # Killed without warning 3 steps after a periodic checkpoint (every 5 steps): steps are redone.
     proc = subprocess.Popen([sys.executable, "-m", "progressive", "resume", "rep"], cwd=tmp, env={**os.environ, **ENV},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,7 +109,16 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path
     assert target is not None, "the resumed run never reached a periodic checkpoint"
     done = run_cli("resume", "rep", cwd=tmp, env=ENV)
     assert done.returncode == 0 and "completed b" in done.stdout, done.stdout + done.stderr
-    return {"tmp": tmp, "cfg": cfg, "data": data, "metrics": metrics}
+    return {"tmp": tmp, "cfg": cfg, "data": data, "metrics": metrics, "early": early}
+
+
+def test_report_of_an_unfinished_run(interrupted_run: dict[str, Any]) -> None:
+    """Reported right after the Ctrl-C: stage a stopped, stage b never started, no final weights anywhere."""
+    early: str = interrupted_run["early"]
+    assert "| a | 16 | stopped | " in early and "| b | 32 | not started | 0/" in early
+    assert "No stage has completed yet." in early and "No stage has final weights yet." in early
+    assert "**Effective training time ratio: " in early and "](loss_step.png)" in early
+    assert "| a | 0 | - | 0.00 s | 0 -> " in early and "| checkpoint | " not in early.split("## Segments")[1]
 
 
 def _events(tmp: Path, stage: str) -> list[dict[str, Any]]:
