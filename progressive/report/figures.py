@@ -88,7 +88,7 @@ def loss_figures(data: "CurveData", out: Path) -> dict[str, Path]:
         ax.set_ylabel("loss")
         ax.set_title("Loss across the curriculum")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths[name] = _save(fig, out / name)
     return paths
 
@@ -105,7 +105,7 @@ def lr_figure(data: "CurveData", out: Path) -> Path:
     ax.set_ylabel("learning rate")
     ax.set_title("Learning-rate schedule as it ran")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, out / "lr.png")
 
 
@@ -130,7 +130,7 @@ def time_figure(acc: "Accounting", out: Path) -> Path:
     ax.set_xlabel(f"allocated {unit}")
     ratio = acc.total.ratio
     ax.set_title("Where the time went" + (f" (effective training time ratio {ratio:.2f})" if ratio is not None else ""))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, out / "time.png")
 
