@@ -8,6 +8,7 @@
     <jobs>/<run>/stages/<stage>/requeues.json  time-out requeues used by the stage's current job
     <jobs>/<run>/stages/<stage>/local.log      local mode's log
     <jobs>/<run>/stages/<stage>/tensorboard/   optional TensorBoard events
+    <jobs>/<run>/report/                       `progressive report`: index.md, figures, transfer.json
     <checkpoints>/<run>/<stage>/step_<N>.pt    full trainer state after optimizer step N
     <checkpoints>/<run>/<stage>/final.pt       final weights: a stage is complete once it exists
 
@@ -30,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 REQUEUES_FILE = "requeues.json"
 LOCAL_LOG = "local.log"
 TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"
 FINAL_NAME = "final.pt"
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -129,6 +131,11 @@ class RunLayout:
     def submission_script(self, job_id: str) -> Path:
         """The sbatch script submitit wrote for a job."""
         return self.job_dir(job_id) / f"{job_id}_submission.sh"
+
+    @property
+    def report(self) -> Path:
+        """Where `progressive report` writes."""
+        return self.run_dir / REPORT_DIR
 
     def stage(self, name: str) -> StageLayout:
         """The files of stage `name`."""

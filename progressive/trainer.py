@@ -255,13 +255,14 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         return StageOutcome("completed", int(final.step), int(final.total_steps), str(Path(stage.final_checkpoint)),
                             final.metrics or {})
 
+    entered = time.time()  # set-up (task, data, model, checkpoint load) is timed for `progressive report`
     job = _setup(plan, stage, dist, dev)
     state = _restore(job)
     model = _distribute(job)
     metrics = _open_metrics(job, on_progress)
     try:
         clock = _SaveClock(stage.train.checkpoint_every)
-        _log_start(job, state, metrics)
+        _log_start(job, state, metrics, setup_s=time.time() - entered)
         model.train()
         batches: Iterator[Any] | None = None
         while state.step < job.total:
@@ -362,7 +363,7 @@ def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | Non
                          tensorboard_dir=path.parent / TENSORBOARD_DIR if main and job.stage.train.tensorboard else None)
 
 
-def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter) -> None:
+def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s: float) -> None:
     stage, dist = job.stage, job.dist
     if dist.is_main:
         log.info("stage %s: %s at step %d/%d on %s (%s, world size %d)", stage.name,
@@ -372,7 +373,7 @@ def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter) -> None:
                    "resumed_from": state.resumed_from,
                    "init_from": None if state.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
                    "world_size": dist.world_size, "device": str(job.dev),
-                   "precision": job.precision, "time": time.time(), "notes": metrics.notes})
+                   "precision": job.precision, "time": time.time(), "setup_s": setup_s, "notes": metrics.notes})
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -485,16 +486,21 @@ def _finish(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcom
     """Full state first (so a kill during evaluation redoes no step), then evaluation and final.pt."""
     if state.last_saved_step != job.total:
         _save(job, state, metrics, "end")
+    t_eval = time.perf_counter()
     results: dict[str, float] = broadcast_from_rank0(_evaluate(job), job.dist)
+    eval_s = time.perf_counter() - t_eval
     final_path = str(Path(job.stage.final_checkpoint))
     if job.dist.is_main:
+        t_save = time.perf_counter()
         ident = job.ident
         final = FinalCheckpoint(stage=ident.stage, fingerprint=ident.fingerprint, step=job.total, total_steps=job.total,
                                 train_samples=ident.train_samples, world_size=ident.world_size,
                                 elapsed_s=state.elapsed_s, model=job.parts.model.state_dict(), metrics=results)
         save_atomic(final.to_dict(), final_path)
         log.info("stage %s: completed, final weights %s", job.stage.name, final_path)
+        # eval_s / final_save_s: where the end of a stage's time goes (`progressive report`).
         metrics.write({"event": "completed", "step": job.total, "total_steps": job.total, "checkpoint": final_path,
-                       "elapsed_s": state.elapsed_s, "eval": results, "time": time.time()})
+                       "elapsed_s": state.elapsed_s, "eval": results, "eval_s": eval_s,
+                       "final_save_s": time.perf_counter() - t_save, "time": time.time()})
     barrier(job.dist)
     return StageOutcome("completed", job.total, job.total, final_path, results, state.resumed_from)
