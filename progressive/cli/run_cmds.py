@@ -90,7 +90,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of `progressive submit`."""
     from progressive import orchestrate
 
-    plan = load_plan(args)
+    plan = load_plan(args, ask_task=not args.dry_run)  # data without an index: the task counts it
     if args.dry_run:
         show_plan(plan)
         show_scripts(plan)
@@ -176,7 +176,7 @@ def show_results(rec: Any) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out matrices)", header_style="bold")
+    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out data)", header_style="bold")
     for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
         t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
     for st, done, last, ev in rows:
