@@ -119,6 +119,35 @@ def test_bad_options_are_named(data: Path) -> None:
         SequenceLMTask(d_model=30, heads=4)
 
 
+def test_the_readme_sequence_example_runs(tmp_path: Path) -> None:
+    """As the README says: generate-seq, plan, submit --local on examples/seq.toml (a copy, paths as in the repo)."""
+    from tests.util import run_cli
+
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "seq.toml").write_text((REPO / "examples" / "seq.toml").read_text())
+    env = {"OMP_NUM_THREADS": "1"}
+    run_cli("data", "generate-seq", "-o", "data/seq", cwd=tmp_path, check=True, env=env)
+    plan = json.loads(run_cli("plan", "-c", "examples/seq.toml", "--json", cwd=tmp_path, check=True, env=env).stdout)
+    assert [(s["bucket"], s["samples"]["train"]) for s in plan["stages"]] == [(64, 512), (128, 256), (256, 128)]
+    proc = run_cli("submit", "--local", "-c", "examples/seq.toml", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "val loss" in proc.stdout and "ppl" in proc.stdout
+    losses = [next(e for e in read_metrics(tmp_path / "jobs" / "seq" / "stages" / name / "metrics.jsonl")
+                   if e.get("event") == "completed")["eval"]["loss"] for name in ("seq_64", "seq_128", "seq_256")]
+    assert losses[0] < math.log(16) - 0.8 and losses[2] < losses[0], losses  # learns, and keeps learning by stage
+
+
+def test_demo_refuses_to_invent_data_for_a_custom_task(tmp_path: Path) -> None:
+    from tests.util import run_cli
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[run]\ndata = "mine"\n[model]\ntask = "tests.byo_task:TokenFileTask"\n'
+                   '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\n')
+    proc = run_cli("demo", "-c", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2 and "demo makes data only for the built-in tasks" in proc.stderr
+    assert not (tmp_path / "mine").exists()
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_stop_resume_and_match(tmp_path: Path) -> None:
     data = make_seq_data(tmp_path / "seq")

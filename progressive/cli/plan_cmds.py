@@ -42,13 +42,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s.set_defaults(handler=cmd_schema)
 
 
-def data_counts(path: Path) -> Mapping[int, Mapping[str, int]]:
-    """Samples per bucket and split, from the dataset's index (no torch; writes nothing)."""
-    from progressive.data.format import bucket_counts
-
-    return bucket_counts(path, refresh_sidecar=False)
-
-
 def split_stages(text: str | None) -> list[str] | None:
     """Parse --stages a,b,c."""
     if not text:

@@ -10,7 +10,7 @@ from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
 from progressive.cli.render import console
-from progressive.errors import RunError
+from progressive.errors import DataError, RunError
 
 STATE_STYLE = {
     "completed": "green", "running": "cyan", "pending": "blue", "blocked": "bold red", "failed": "red",
@@ -319,8 +319,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Handler of `progressive demo`: tiny data, tiny curriculum, locally, then the result table."""
     from progressive import orchestrate
-    from progressive.cli.plan_cmds import data_counts
     from progressive.config import load_config
+    from progressive.data.counts import plan_counts
     from progressive.data.generate import generate_dataset
     from progressive.plan import build_plan
 
@@ -329,11 +329,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     con = console()
     data = (config.parent / cfg.run.data).resolve()
     buckets = sorted({st.bucket for st in cfg.stage})
-    if not data.is_file():
+    if not data.exists():
         con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
         data.parent.mkdir(parents=True, exist_ok=True)
-        generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
-    plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
+        if cfg.model.task == "progressive.tasks.seqlm:SequenceLMTask":
+            from progressive.data.seqgen import generate_sequences
+
+            generate_sequences(data, lengths=buckets, counts=[640 // 2 ** i for i in range(len(buckets))], seed=cfg.run.seed)
+        elif cfg.model.task == "progressive.tasks.precond:PreconditionerTask":
+            generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
+        else:
+            raise DataError(f"{rel(data)} does not exist, and demo makes data only for the built-in tasks",
+                            loc=str(config), hint="make your task's data first, then `progressive submit --local`")
+    plan = build_plan(cfg, config, run_name=args.run_name, counts=lambda p: plan_counts(
+        p, buckets=buckets, task=cfg.model.task, options=cfg.model.options, config=config))
     existing = Path(plan.run_dir) / "run.json"
     if existing.is_file():
         rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name)
