@@ -129,3 +129,44 @@ def test_generate_seq_refuses_bad_arguments(tmp_path: Path) -> None:
     proc = run_cli("data", "generate-seq", "-o", str(tmp_path / "s"), "--lengths", "1x")
     assert proc.returncode == 2 and "cannot parse '1x'" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_damaged_manifests_are_named(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    write_arrays(out, {8: {"train": np.zeros((2, 8))}})
+    manifest = out / "arrays.json"
+    good = manifest.read_text()
+    manifest.write_text(good.replace('"format_version": 1', '"format_version": 9'))
+    with pytest.raises(DataError, match="format version 9 is not supported") as info:
+        read_manifest(out)
+    assert "re-pack" in str(info.value)
+    manifest.write_text(good.replace('"counts": {', '"counts": {"x": 1, '))
+    with pytest.raises(DataError, match="the manifest's counts are damaged"):
+        array_counts(out)
+    manifest.write_text("{")
+    with pytest.raises(DataError, match="cannot read arrays.json"):
+        read_manifest(out)
+    with pytest.raises(DataError, match="array dataset not found"):
+        read_manifest(tmp_path / "absent")
+    manifest.write_text(good)
+    (out / "8" / "train.npy").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read train of bucket 8"):
+        ArrayDataset(out, 8, "train")[0]
+
+
+def test_pack_arrays_refuses_unreadable_or_empty_inputs(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    proc = run_cli("data", "pack-arrays", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "bad.npz: cannot read numpy arrays" in proc.stderr and "np.savez" in proc.stderr
+    np.savez(tmp_path / "empty.npz")
+    proc = run_cli("data", "pack-arrays", str(tmp_path / "empty.npz"), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "no arrays to write" in proc.stderr and "train_64" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_seq_refuses_short_lengths_and_bad_splits(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="lengths must be >= 2"):
+        generate_sequences(tmp_path / "s", lengths=[1], counts=[3])
+    with pytest.raises(DataError, match=r"split \[0.5, -1.0, 0.5\] is not three non-negative fractions"):
+        generate_sequences(tmp_path / "s", lengths=[8], counts=[3], split=[0.5, -1.0, 0.5])
+    assert not (tmp_path / "s").exists()

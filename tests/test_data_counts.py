@@ -173,3 +173,37 @@ def test_reference_hdf5_data_plans_as_before(tmp_path: Path, tiny_dataset: Path)
     fake.write_bytes(b"not hdf5 at all")
     with pytest.raises(CountsUnknown, match="neither a progressive HDF5 file nor an array folder"):
         plan_counts(fake, buckets=[16], task="x:Y")
+
+
+def test_damaged_or_foreign_indexes_and_files_are_unknown(tmp_path: Path, tokens: Path) -> None:
+    write_count_index(tokens, {16: {"train": 3}}, task=TASK)
+    doc = json.loads(counts_path(tokens).read_text())
+    counts_path(tokens).write_text(json.dumps({**doc, "format_version": 7}))
+    with pytest.raises(CountsUnknown, match="not a count index of this version"):
+        read_count_index(tokens, task=TASK)
+    counts_path(tokens).write_text(json.dumps({**doc, "counts": {"16": 3}}))
+    with pytest.raises(CountsUnknown, match="the count index is damaged"):
+        read_count_index(tokens, task=TASK)
+    import h5py
+
+    foreign = tmp_path / "theirs.h5"  # an HDF5 file of someone else's layout: only their task can count it
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CountsUnknown, match="not a progressive dataset") as info:
+        plan_counts(foreign, buckets=[16], task=TASK, config="g.toml")
+    assert "progressive data index -c g.toml" in str(info.value)
+
+
+def test_task_errors_are_named_with_bucket_and_split(tmp_path: Path) -> None:
+    from progressive.data.counts import index_data
+    from progressive.data.seqgen import generate_sequences
+    from progressive.tasks.seqlm import SequenceLMTask
+
+    generate_sequences(tmp_path / "seq", lengths=[8, 64], counts=[10], seed=0)
+    with pytest.raises(DataError, match="bucket 64, split 'train': bucket 64 is longer than max_len 32") as info:
+        counts_from_task(SequenceLMTask(max_len=32), tmp_path / "seq", [8, 64])
+    assert "max_len >= 64" in str(info.value)  # the task's own hint is kept
+    cfg = byo_graph(tmp_path, data="nowhere")
+    with pytest.raises(DataError, match="data not found") as info:
+        index_data(cfg)
+    assert "fix [run].data" in str(info.value)
