@@ -24,8 +24,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     """Add the `data` command group."""
     from progressive.data.format import COMPRESSIONS, DEFAULT_COMPRESSION
 
-    p = sub.add_parser("data", help="generate, inspect, verify, subset, merge and split datasets",
-                       description="Make, check and reshape bucketed HDF5 datasets (docs/data-format.md).")
+    p = sub.add_parser("data", help="generate, inspect, verify, subset, merge and split datasets; index a task's own data",
+                       description="Make, check and reshape bucketed HDF5 datasets (docs/data-format.md); "
+                       "pack numpy arrays into the dense-array layout; count any task's data for plan (index).")
     def show_help(args: argparse.Namespace) -> int:
         p.print_help()
         return 2
