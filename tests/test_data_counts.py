@@ -207,3 +207,16 @@ def test_task_errors_are_named_with_bucket_and_split(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data not found") as info:
         index_data(cfg)
     assert "fix [run].data" in str(info.value)
+
+
+def test_damaged_project_hdf5_keeps_its_own_hint(tmp_path: Path, tiny_dataset: Path) -> None:
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(tiny_dataset.read_bytes()[:3000])  # a transfer cut short
+    with pytest.raises(CountsUnknown, match="not a readable HDF5 file") as info:
+        plan_counts(cut, buckets=[16], task="progressive.tasks.precond:PreconditionerTask", config="g.toml")
+    assert "copy it again" in str(info.value) and "progressive data index -c g.toml" in str(info.value)
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[run]\ndata = "cut.h5"\n[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\n')
+    proc = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)  # the task's loader says why
+    assert proc.returncode == 1 and "bucket 16, split 'train': not a readable HDF5 file" in proc.stderr
+    assert not (tmp_path / "jobs").exists()

@@ -156,8 +156,9 @@ def plan_counts(data: str | Path, *, buckets: Iterable[int], task: str, options:
 
         try:
             return bucket_counts(data, refresh_sidecar=False)
-        except DataError as exc:  # e.g. an HDF5 file of the user's own layout: only their task can count it
-            raise CountsUnknown(exc.msg, loc=exc.loc, hint=index_hint(config)) from None
+        except DataError as exc:  # a damaged file, or an HDF5 file of the user's own layout (only their task counts it)
+            hint = (f"{exc.hint}; or, if the task reads a format of its own: " if exc.hint else "") + index_hint(config)
+            raise CountsUnknown(exc.msg, loc=exc.loc, hint=hint) from None
     what = "folder" if data.is_dir() else "file"
     raise CountsUnknown(f"sample counts unknown: this {what} is neither a progressive HDF5 file nor an array "
                         f"folder, and has no count index ({counts_path(data).name})", loc=str(data),
