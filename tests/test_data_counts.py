@@ -49,7 +49,7 @@ def tokens(tmp_path: Path) -> Path:
 
 def expected_counts(folder: Path, buckets: tuple[int, ...]) -> dict[int, dict[str, int]]:
     """Counted here independently of the task: lengths in (b/2, b]."""
-    out = {}
+    out: dict[int, dict[str, int]] = {}
     for b in buckets:
         out[b] = {}
         for split in ("train", "val", "test"):

@@ -67,7 +67,7 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         out = train_stage(plan, plan.stages[0])
     finally:
         torch.set_num_threads(before)
-    assert out.status == "completed" and out.step == out.total_steps == 15
+    assert out.status == "completed" and out.step == out.total_steps == 15 and out.checkpoint
     return final_weights(out.checkpoint)
 
 
@@ -87,6 +87,7 @@ def test_stopped_and_killed_resumes_are_bitwise_identical(data: Path, tmp_path: 
         train_stage(plan, stage, on_progress=crash_at(11))  # killed: steps 10 and 11 are lost, 9 is on disk
     out = train_stage(plan, stage)
     assert out.status == "completed" and out.resumed_from and out.resumed_from.endswith("step_00000009.pt")
+    assert out.checkpoint
     assert_same_weights(final_weights(out.checkpoint), reference)
     logged = steps(stage.metrics_path)
     assert sorted(set(logged)) == list(range(1, 16)) and logged.count(10) == 2  # only the killed steps redone
