@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from progressive.tasks.precond import PreconditionerTask
+from progressive.tasks.seqlm import SequenceLMTask
 
 
 class SlowTask(PreconditionerTask):
@@ -42,4 +43,16 @@ class FlakyTask(SlowTask):
         marker = Path(self.fail_marker.format(n=batch.sizes[0])) if self.fail_marker else None
         if marker is not None and marker.exists():
             raise RuntimeError(f"injected failure: {marker} exists")
+        return super().loss(model, batch, generator)
+
+
+class SlowSequenceLMTask(SequenceLMTask):
+    """The sequence task with a pause in every loss call (same weights as SequenceLMTask)."""
+
+    def __init__(self, step_sleep: float = 0.1, **options: Any) -> None:
+        super().__init__(**options)
+        self.step_sleep = step_sleep
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        time.sleep(self.step_sleep)
         return super().loss(model, batch, generator)

@@ -243,12 +243,12 @@ def test_report_refuses_bad_input(tmp_path: Path, tiny_dataset: Path) -> None:
     # A recorded run that has not started training: nothing to report, and nothing written.
     from progressive import runs
     from progressive.backends import get_backend
-    from progressive.cli.plan_cmds import data_counts
+    from progressive.data.format import bucket_counts
     from progressive.config import load_config
     from progressive.plan import build_plan
 
     cfg = graph(tmp_path, tiny_dataset, "fresh")
-    plan = build_plan(load_config(cfg), cfg, counts=data_counts)
+    plan = build_plan(load_config(cfg), cfg, counts=lambda p: bucket_counts(p, refresh_sidecar=False))
     runs.submit(plan, cfg.read_text(), get_backend("local"))
     empty = run_cli("report", "fresh", cwd=tmp_path)
     assert empty.returncode == 1 and "run 'fresh' has no metrics yet" in empty.stderr

@@ -24,14 +24,14 @@ def _record_a_run(tmp_path: Path, data: Path, run: str) -> None:
     """A real run record, as `submit --local` writes it before it starts training."""
     from progressive import runs
     from progressive.backends import get_backend
-    from progressive.cli.plan_cmds import data_counts
+    from progressive.data.format import bucket_counts
     from progressive.config import load_config
     from progressive.plan import build_plan
 
     path = tmp_path / f"{run}.toml"
     path.write_text(f'[run]\nname = "{run}"\ndata = "{data}"\n[model]\ntask = "tests.tasks:SlowTask"\n'
                     '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\ninit_from = "none"\n')
-    plan = build_plan(load_config(path), path, counts=data_counts)
+    plan = build_plan(load_config(path), path, counts=lambda p: bucket_counts(p, refresh_sidecar=False))
     runs.submit(plan, path.read_text(), get_backend("local"))
 
 

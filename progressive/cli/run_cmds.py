@@ -10,7 +10,7 @@ from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
 from progressive.cli.render import console
-from progressive.errors import RunError
+from progressive.errors import DataError, RunError
 from progressive.states import StageState
 
 S = StageState
@@ -91,7 +91,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from progressive import runs
     from progressive.backends import get_backend
 
-    plan = load_plan(args)
+    plan = load_plan(args, ask_task=not args.dry_run)  # data without an index: the task counts it
     if args.dry_run:
         show_plan(plan)
         show_scripts(plan)
@@ -177,7 +177,7 @@ def show_results(rec: Any) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out matrices)", header_style="bold")
+    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out data)", header_style="bold")
     for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
         t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
     for st, done, last, ev in rows:
@@ -324,8 +324,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Handler of `progressive demo`: tiny data, tiny curriculum, locally, then the result table."""
     from progressive import runs
     from progressive.backends import get_backend
-    from progressive.cli.plan_cmds import data_counts
     from progressive.config import load_config
+    from progressive.data.counts import plan_counts
     from progressive.data.generate import generate
     from progressive.plan import build_plan
 
@@ -341,11 +341,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     con = console()
     data = (config.parent / cfg.run.data).resolve()
     buckets = sorted({st.bucket for st in cfg.stage})
-    if not data.is_file():
+    if not data.exists():
         con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
         data.parent.mkdir(parents=True, exist_ok=True)
-        generate(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
-    plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
+        if cfg.model.task == "progressive.tasks.seqlm:SequenceLMTask":
+            from progressive.data.seqgen import generate_sequences
+
+            generate_sequences(data, lengths=buckets, counts=[640 // 2 ** i for i in range(len(buckets))], seed=cfg.run.seed)
+        elif cfg.model.task == "progressive.tasks.precond:PreconditionerTask":
+            generate(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
+        else:
+            raise DataError(f"{rel(data)} does not exist, and demo makes data only for the built-in tasks",
+                            loc=str(config), hint="make your task's data first, then `progressive submit --local`")
+    plan = build_plan(cfg, config, run_name=args.run_name, counts=lambda p: plan_counts(
+        p, buckets=buckets, task=cfg.model.task, options=cfg.model.options, config=config))
     if plan.layout.record.is_file():
         rec = runs.find_run(Path(plan.run_dir).parent, plan.run_name, verb="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
