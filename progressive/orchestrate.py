@@ -8,6 +8,7 @@ and its metrics file for progress. Nothing here imports torch: status stays fast
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -312,8 +313,12 @@ class LogFiles:
     stderr: list[Path] = field(default_factory=list)
 
 
-def log_files(rec: RunRecord, stage: str) -> LogFiles:
-    """The stage's log files, oldest job first (submitit writes jobs/<run>/slurm/<id>/<id>_<task>_log.out)."""
+def log_files(rec: RunRecord, stage: str, task: int | None = 0) -> LogFiles:
+    """The stage's log files, oldest job first (submitit writes jobs/<run>/slurm/<id>/<id>_<task>_log.out).
+
+    `task` is the Slurm task (the DDP rank) whose files to list; None lists every task's
+    file that exists, task by task within each job.
+    """
     if stage not in rec.plan.names:
         raise RunError(f"no stage named {stage!r} in run {rec.run_name!r}", loc="STAGE",
                        hint=f"valid stages: {', '.join(rec.plan.names)}")
@@ -324,6 +329,14 @@ def log_files(rec: RunRecord, stage: str) -> LogFiles:
         return out
     for sub in rec.stages.get(stage, record.StageRecord()).submissions:
         d = rec.run_dir / SUBMITIT_DIR / sub.job_id
-        out.stdout.append(d / f"{sub.job_id}_0_log.out")
-        out.stderr.append(d / f"{sub.job_id}_0_log.err")
+        for t in [task] if task is not None else _task_numbers(d, sub.job_id):
+            out.stdout.append(d / f"{sub.job_id}_{t}_log.out")
+            out.stderr.append(d / f"{sub.job_id}_{t}_log.err")
     return out
+
+
+def _task_numbers(folder: Path, job_id: str) -> list[int]:
+    """The task numbers that have a log file in a job's submitit folder ([0] when none has yet)."""
+    found = {int(m.group(1)) for p in folder.glob(f"{job_id}_*_log.*")
+             if (m := re.fullmatch(rf"{re.escape(job_id)}_(\d+)_log\.(?:out|err)", p.name))}
+    return sorted(found) or [0]

@@ -56,6 +56,7 @@ from progressive.distributed import (
     env_world,
     gather_to_rank0,
     init_distributed,
+    rank_hosts,
     shutdown_distributed,
     sum_all,
 )
@@ -307,11 +308,12 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         log.info("stage %s: %s at step %d/%d on %s (%s, world size %d)", stage.name,
                  f"resuming {st.resumed_from}" if st.resumed_from else f"starting ({stage.init_from.kind} init)",
                  st.step, total, dev, precision, dist.world_size)
+    hosts = rank_hosts(dist)  # a collective: every rank takes part, rank 0 records it
     metrics.write({"event": "start", "stage": stage.name, "step": st.step, "total_steps": total,
                    "resumed_from": st.resumed_from,
                    "init_from": None if st.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
-                   "world_size": dist.world_size, "device": str(dev),
-                   "precision": precision, "time": job_start, "notes": metrics.notes})
+                   "world_size": dist.world_size, "hosts": hosts, "nodes": sorted(set(hosts or [])),
+                   "device": str(dev), "precision": precision, "time": job_start, "notes": metrics.notes})
 
     def save_state(reason: str) -> Path:
         # Every rank hands its RNG states to rank 0, which writes one file for all of them.
