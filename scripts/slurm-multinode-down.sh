@@ -39,8 +39,14 @@ if pid=$(pid_of "$RUN/slurmctld.pid" slurmctld); then
     stopped=$((stopped + 1))
 fi
 rm -f "$RUN"/slurmd-*.pid "$RUN/slurmctld.pid"
+removed=0
 if [[ -n $(our_namespaces) ]] || ip link show "$BRIDGE" >/dev/null 2>&1; then
     say "removing namespaces $(our_namespaces | tr '\n' ' ')and bridge $BRIDGE"
     net_down
+    removed=1
 fi
-say "down ($stopped daemons stopped; state kept in $STATE)"
+if ((stopped || removed)); then
+    say "down ($stopped daemons stopped; state kept in $STATE)"
+else
+    say "already down"
+fi

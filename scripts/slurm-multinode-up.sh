@@ -63,10 +63,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/slurm-multinode-lib.sh"
 
 require_root "creates network namespaces and starts slurmctld and slurmd"
-for cmd in ip unshare nsenter slurmctld slurmd sinfo; do
-    command -v "$cmd" >/dev/null || die "$cmd not found (install iproute2, util-linux; Slurm comes with scripts/slurm-up.sh)"
-done
 mkdir -p "$STATE" "$RUN" "$LOG" "$STATE/ctld"
+if ! command -v ip >/dev/null; then
+    say "installing iproute2 (apt-get, log in $LOG/apt.log)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=120 iproute2; } 9>&- >"$LOG/apt.log" 2>&1 ||
+        die_log "apt-get install iproute2 failed" "$LOG/apt.log"
+fi
+for cmd in ip unshare nsenter slurmctld slurmd sinfo; do
+    command -v "$cmd" >/dev/null || die "$cmd not found (Slurm comes with scripts/slurm-up.sh; unshare and nsenter with util-linux)"
+done
 chmod 755 "$STATE"
 trap 'rm -f "$STATE"/.slurm.conf.??????' EXIT
 take_lock 300
