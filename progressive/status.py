@@ -116,8 +116,12 @@ class LogFiles:
     stderr: list[Path] = field(default_factory=list)
 
 
-def log_files(rec: RunRecord, stage: str) -> LogFiles:
-    """The stage's log files: local.log in local mode; each Slurm job's task logs otherwise."""
+def log_files(rec: RunRecord, stage: str, task: int | None = 0) -> LogFiles:
+    """The stage's log files: local.log in local mode; each Slurm job's task logs otherwise.
+
+    `task` is the Slurm task (the DDP rank) whose files to list; None lists every task's
+    file that exists, task by task within each job.
+    """
     if stage not in rec.plan.names:
         raise RunError(f"no stage named {stage!r} in run {rec.run_name!r}", loc="STAGE",
                        hint=f"valid stages: {', '.join(rec.plan.names)}")
@@ -127,6 +131,10 @@ def log_files(rec: RunRecord, stage: str) -> LogFiles:
         out.stdout.append(layout.stage(stage).local_log)
         return out
     for sub in rec.stage_record(stage).submissions:
-        out.stdout.append(layout.job_log(sub.job_id, 0))
-        out.stderr.append(layout.job_log(sub.job_id, 0, err=True))
+        if task is not None:
+            out.stdout.append(layout.job_log(sub.job_id, task))
+            out.stderr.append(layout.job_log(sub.job_id, task, err=True))
+        else:
+            out.stdout += layout.job_logs(sub.job_id) or [layout.job_log(sub.job_id, 0)]
+            out.stderr += layout.job_logs(sub.job_id, err=True) or [layout.job_log(sub.job_id, 0, err=True)]
     return out

@@ -44,6 +44,7 @@ from progressive.distributed import (
     env_world,
     gather_to_rank0,
     init_distributed,
+    rank_hosts,
     shutdown_distributed,
     sum_all,
 )
@@ -369,10 +370,12 @@ def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s:
         log.info("stage %s: %s at step %d/%d on %s (%s, world size %d)", stage.name,
                  f"resuming {state.resumed_from}" if state.resumed_from else f"starting ({stage.init_from.kind} init)",
                  state.step, job.total, job.dev, job.precision, dist.world_size)
+    hosts = rank_hosts(dist)  # a collective: every rank takes part, rank 0 records it
     metrics.write({"event": "start", "stage": stage.name, "step": state.step, "total_steps": job.total,
                    "resumed_from": state.resumed_from,
                    "init_from": None if state.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
-                   "world_size": dist.world_size, "device": str(job.dev),
+                   "world_size": dist.world_size, "hosts": hosts, "nodes": sorted(set(hosts or [])),
+                   "device": str(job.dev),
                    "precision": job.precision, "time": time.time(), "setup_s": setup_s, "notes": metrics.notes})
 
 

@@ -117,6 +117,11 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
         params["mem"] = f"{s.mem}M"
     if dependency:
         params["dependency"] = dependency
+    if s.nodes * s.tasks_per_node > 1:
+        # One rank dying must end the others at once, not leave them blocked in a collective
+        # until the process-group timeout (srun's default lets the other tasks run on; gloo
+        # notices a peer that exited, NCCL may not).
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     setup = [f"export SUBMITIT_PREEMPT_SIGNAL={s.signal}"]
     if s.gpus_per_node:
         # Fewer OOMs from fragmentation when bucket sizes change between stages.

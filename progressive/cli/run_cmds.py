@@ -50,6 +50,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _jobs_root_arg(lg)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
     lg.add_argument("--err", action="store_true", help="the job's stderr instead of stdout")
+    lg.add_argument("--task", type=_task_arg, default=0, metavar="N|all",
+                    help="which task (DDP rank) of a multi-task job: a number (default 0) or `all`")
     lg.set_defaults(handler=cmd_logs)
 
     c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
@@ -82,6 +84,15 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _task_arg(text: str) -> int | None:
+    """--task: a task number, or None for `all`."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a task number (0, 1, ...) or 'all', got {text!r}")
+    return int(text)
 
 
 # ------------------------------------------------------------------ submit
@@ -294,17 +305,27 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
     rec = runs.find_run(Path(args.jobs), run, verb="logs")
-    files = log_files(rec, stage)
+    files = log_files(rec, stage, task=args.task)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
     if not existing:
-        raise RunError(f"stage {stage!r} has no {'stderr' if args.err else 'output'} yet", loc=str(rec.run_dir),
-                       hint=f"check `progressive status {rec.run_name}`: the job may still be pending")
+        which = "stderr" if args.err else "output"
+        raise RunError(f"stage {stage!r} has no {which}{'' if args.task is None else f' of task {args.task}'} yet",
+                       loc=str(rec.run_dir), hint=f"check `progressive status {rec.run_name}`: the job may still be "
+                                                  "pending" + ("" if args.task in (0, None) else
+                                                               ", or the job has fewer tasks (try --task all)"))
     import sys
 
+    def header(p: Path) -> None:
+        # With every task's files in one stream, say whose lines follow.
+        if args.task is None:
+            sys.stdout.write(f"==> {p.name} <==\n")
+
     for p in existing[:-1]:
+        header(p)
         sys.stdout.write(p.read_text(errors="replace"))
     last = existing[-1]
+    header(last)
     with last.open("r", errors="replace") as f:
         sys.stdout.write(f.read())
         sys.stdout.flush()
