@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import re
-import time
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -30,16 +28,16 @@ if TYPE_CHECKING:
 
 from progressive.atomic import is_temp, replacing
 from progressive.errors import CheckpointError
+from progressive.layout import FINAL_NAME, STEP_RE, step_path
+from progressive.units import now_iso
 
 __all__ = [
     "FORMAT", "FINAL_NAME", "save_atomic", "load_checkpoint", "load_weights", "latest_checkpoint",
     "step_path", "prune_checkpoints", "clean_temp_files", "is_intact", "check_fingerprint",
-    "fingerprint_diff", "capture_rng", "restore_rng",
+    "fingerprint_diff", "capture_rng", "restore_rng", "now_iso",
 ]
 
 FORMAT = "progressive.checkpoint/1"
-FINAL_NAME = "final.pt"
-_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
 # --------------------------------------------------------------------------- writing
@@ -56,11 +54,6 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     with replacing(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
-
-
-def step_path(stage_dir: str | Path, step: int) -> Path:
-    """The full-state checkpoint file of `step` (zero-padded so names sort by step)."""
-    return Path(stage_dir) / f"step_{step:08d}.pt"
 
 
 def prune_checkpoints(stage_dir: str | Path, keep: int) -> list[Path]:
@@ -90,7 +83,7 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
     """(step, path) of the step checkpoints in `folder`, newest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_RE.match(p.name))]
     return sorted(found, reverse=True)
 
 
@@ -227,8 +220,3 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = No
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"])
-
-
-def now_iso() -> str:
-    """Local time as ISO 8601 with offset (stored in checkpoints for humans)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -8,6 +8,7 @@ is single-process and every helper here is a no-op.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from progressive.errors import ProgressiveError
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "sum_all", "gather_to_rank0",
-           "broadcast_from_rank0", "barrier"]
+           "broadcast_from_rank0", "barrier", "rank_hosts"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -107,3 +108,8 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op without DDP)."""
     if info.enabled:
         dist.barrier()
+
+
+def rank_hosts(info: DistInfo) -> list[str] | None:
+    """Each rank's host name, in rank order, on rank 0 (None elsewhere): where the ranks really run."""
+    return gather_to_rank0(socket.gethostname(), info)

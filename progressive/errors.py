@@ -65,3 +65,7 @@ class SlurmError(ProgressiveError):
 
 class RunError(ProgressiveError):
     """A run record is missing, locked, or inconsistent with the request."""
+
+
+class MissingDependencyError(ProgressiveError):
+    """An optional dependency (an extra such as `progressive[report]`) is not installed."""

@@ -15,38 +15,12 @@ import os
 import signal
 import sys
 import time
-from types import FrameType
 from typing import Any
 
-from progressive import record
+from progressive import record, requeues
+from progressive.signals import StopFlag, signal_number
 
 log = logging.getLogger("progressive.job")
-
-
-class StopFlag:
-    """Remembers the first stop signal; the trainer polls it after every optimizer step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def handler(self, signum: int, frame: FrameType | None) -> None:
-        """Signal handler: only set the flag (saving here would tear the step in flight)."""
-        if self.signum is None:
-            self.signum = signum
-            log.warning("received %s: will checkpoint after the current optimizer step", signal.Signals(signum).name)
-
-    def install(self, *signums: int) -> None:
-        """Route these signals to the flag."""
-        for s in signums:
-            signal.signal(s, self.handler)
-
-
-def signal_number(name: str) -> int:
-    """signal.SIGUSR2 for "USR2"."""
-    return int(getattr(signal, f"SIG{name}"))
 
 
 def _ddp_env(env: dict[str, Any]) -> None:
@@ -77,7 +51,7 @@ def _wait_for_time_limit(seconds: float) -> None:
 
 def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
     """Entry point of every task of a stage job (pickled by submitit at submit time)."""
-    from progressive import slurm
+    from progressive.backends import slurm
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rec = record.load(run_dir)
@@ -117,11 +91,11 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
     if flag.signum != timeout_sig:
         # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
         sys.exit(1)
-    stage_dir = rec.stage_dir(stage.name)
+    counter = rec.layout.stage(stage.name).requeues
     job_id = str(env["job_id"]).split("_")[0]
-    used = record.requeue_count(stage_dir, job_id)
+    used = requeues.count(counter, job_id)
     if used < stage.slurm.max_requeues:
-        record.set_requeue_count(stage_dir, job_id, used + 1)
+        requeues.set_count(counter, job_id, used + 1)
         log.info("requeueing job %s (time-out requeue %d of %d)", env["job_id"], used + 1, stage.slurm.max_requeues)
         slurm.requeue(job_id)
         # Slurm has the job back in its queue under the same id; leaving now spares the requeue

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["MetricsWriter", "peak_memory_mb", "read_metrics"]
+# torch is imported where a GPU is measured: the readers serve `status` and `report`, which stay torch-free.
+
+__all__ = ["MetricsWriter", "peak_memory_mb", "read_metrics", "tail_objects", "last_step_metrics"]
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: "torch.device") -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         # VmHWM belongs to this process image; getrusage's maxrss survives exec, so a job started by a
@@ -109,3 +115,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def tail_objects(path: str | Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
+    """JSON objects on the last lines of a JSONL file, newest first (reads only its tail: status stays fast)."""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            tail = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in reversed(tail.splitlines()):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the first (cut) line, or one being written right now
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def last_step_metrics(path: str | Path) -> dict[str, Any] | None:
+    """The last metrics line that carries a training step."""
+    return next((o for o in tail_objects(path) if "step" in o and "loss" in o), None)

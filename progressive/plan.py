@@ -10,7 +10,6 @@ or imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from progressive.checkpoint import FINAL_NAME
 from progressive.config import (
     GraphConfig,
     ModelConfig,
@@ -30,6 +28,7 @@ from progressive.config import (
     validate_name,
 )
 from progressive.errors import ConfigError, ProgressiveError
+from progressive.layout import RunLayout
 
 SPLITS = ("train", "val", "test")
 
@@ -88,6 +87,11 @@ class Plan(_Data):
     model: ModelConfig
     stages: tuple[StagePlan, ...]
 
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run keeps its record, job files and checkpoints."""
+        return RunLayout(Path(self.run_dir), Path(self.checkpoint_root))
+
     def stage(self, name: str) -> StagePlan:
         """The stage called `name`."""
         for st in self.stages:
@@ -126,11 +130,6 @@ def fingerprint(cfg: GraphConfig, stage_name: str) -> dict[str, Any]:
     return fp
 
 
-def fingerprint_hash(fp: Mapping[str, Any]) -> str:
-    """A short stable hash of a fingerprint (for names and quick comparisons)."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def build_plan(
     cfg: GraphConfig,
     config_path: str | Path,
@@ -165,8 +164,7 @@ def build_plan(
     keep = set(select) if select else set(all_names)
 
     data_path = (base / cfg.run.data).resolve()
-    run_dir = (base / cfg.run.jobs / run).resolve()
-    ckpt_root = (base / cfg.run.checkpoints / run).resolve()
+    layout = RunLayout.under((base / cfg.run.jobs).resolve(), (base / cfg.run.checkpoints).resolve(), run)
     bucket_counts: Mapping[int, Mapping[str, int]] | None = None
     data_error: str | None = None
     if counts is not None:
@@ -205,11 +203,11 @@ def build_plan(
             estimate_min=estimate,
             gpu_mem_mb=st.gpu_mem,
             world_size=world,
-            init_from=_init_from(cfg, idx, base, ckpt_root),
+            init_from=_init_from(cfg, idx, base, layout),
             depends_on=tuple(p for p in [init_parent(cfg, idx)] if p is not None and p in keep),
-            checkpoint_dir=str(ckpt_root / name),
-            final_checkpoint=str(ckpt_root / name / FINAL_NAME),
-            metrics_path=str(run_dir / "stages" / name / "metrics.jsonl"),
+            checkpoint_dir=str(layout.stage(name).checkpoint_dir),
+            final_checkpoint=str(layout.stage(name).final),
+            metrics_path=str(layout.stage(name).metrics),
             slurm=slurm,
             train=train,
             fingerprint=fingerprint(cfg, name),
@@ -219,18 +217,18 @@ def build_plan(
         config_path=str(config_path),
         data_path=str(data_path),
         data_error=data_error,
-        run_dir=str(run_dir),
-        checkpoint_root=str(ckpt_root),
+        run_dir=str(layout.run_dir),
+        checkpoint_root=str(layout.checkpoint_root),
         seed=cfg.run.seed,
         model=cfg.model,
         stages=tuple(stages),
     )
 
 
-def _init_from(cfg: GraphConfig, idx: int, base: Path, ckpt_root: Path) -> InitFrom:
+def _init_from(cfg: GraphConfig, idx: int, base: Path, layout: RunLayout) -> InitFrom:
     parent = init_parent(cfg, idx)
     if parent is not None:
-        return InitFrom(kind="stage", stage=parent, checkpoint=str(ckpt_root / parent / FINAL_NAME))
+        return InitFrom(kind="stage", stage=parent, checkpoint=str(layout.stage(parent).final))
     ref = cfg.stage[idx].init_from
     if ref is not None and ref.lower() != "none":
         return InitFrom(kind="path", checkpoint=str((base / ref).resolve()))

@@ -1,35 +1,27 @@
 """The run record: `jobs/<run>/run.json`, what was submitted, when, as which jobs.
 
 The record holds the resolved plan (each job reads its StagePlan from it), the
-config text as submitted, and per stage the history of its Slurm job ids. It is
-rewritten whole and atomically (temp file, fsync, rename) under a file lock, so a
-crash or a concurrent `submit`/`resume` never leaves it torn or half-updated.
+config text as submitted, and per stage the history of its job ids (Slurm) or who
+runs it (local mode). It is rewritten whole and atomically (temp file, fsync, rename)
+under a file lock, so a crash or a concurrent `submit`/`resume` never leaves it torn
+or half-updated. Where its files live is `progressive.layout`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from progressive import atomic
 from progressive.errors import RunError
+from progressive.layout import RECORD_FILE, RunLayout, lock_path, record_path
 from progressive.plan import Plan
+from progressive.units import now_iso
 
-RECORD_FILE = "run.json"
-LOCK_FILE = ".lock"
 RECORD_VERSION = 1
-SUBMITIT_DIR = "slurm"  # under the run directory: sbatch scripts, pickles and logs of every job
-
-
-def now_iso() -> str:
-    """Local time, seconds resolution, ISO 8601."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class Submission(BaseModel):
@@ -43,14 +35,30 @@ class Submission(BaseModel):
     reason: str = "submit"  # "submit" | "resume"
 
 
+class Runner(BaseModel):
+    """The process running a local stage: enough to tell later whether it is still alive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pid: int
+    host: str
+    started_at: str
+    # The process's start time in clock ticks since boot (/proc/<pid>/stat field 22) and the boot id:
+    # a pid reused by another process, or a reboot, does not pass for the runner.
+    start_ticks: Optional[int] = None
+    boot_id: Optional[str] = None
+
+
 class StageRecord(BaseModel):
     """A stage's history in this run."""
 
     model_config = ConfigDict(extra="forbid")
 
     submissions: list[Submission] = Field(default_factory=list)
-    # Local mode has no Slurm to ask: the runner records the state itself.
+    # Local mode has no Slurm to ask: the runner records the state itself, and who it is, so that
+    # a runner that died without a word (SIGKILL, OOM, reboot) is seen as stopped, not running.
     local_state: Optional[str] = None
+    runner: Optional[Runner] = None
 
     @property
     def job_id(self) -> str | None:
@@ -78,14 +86,14 @@ class RunRecord(BaseModel):
         """jobs/<run>."""
         return Path(self.plan.run_dir)
 
-    def stage_dir(self, name: str) -> Path:
-        """jobs/<run>/stages/<name>: metrics, requeue counter, local logs."""
-        return self.run_dir / "stages" / name
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of this run."""
+        return self.plan.layout
 
-
-def record_path(run_dir: str | Path) -> Path:
-    """Where a run's record lives."""
-    return Path(run_dir) / RECORD_FILE
+    def stage_record(self, name: str) -> StageRecord:
+        """The stage's history (an empty one if it has none yet)."""
+        return self.stages.get(name) or StageRecord()
 
 
 def load(run_dir: str | Path) -> RunRecord:
@@ -94,8 +102,11 @@ def load(run_dir: str | Path) -> RunRecord:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RunError("no run record here", loc=str(path),
-                       hint="list runs with `progressive status --all`, or submit one with `progressive submit`") from None
+        root = path.parent.parent
+        names = [p.name for p in list_runs(root)]
+        hint = (f"runs under {root}: {', '.join(names)}; see one with `progressive status RUN`" if names
+                else f"there are no runs under {root}; submit one with `progressive submit`")
+        raise RunError("no run record here", loc=str(path), hint=hint) from None
     try:
         return RunRecord.model_validate_json(text)
     except ValidationError as exc:
@@ -116,7 +127,7 @@ def locked(run_dir: str | Path, timeout: float = 10) -> Iterator[None]:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / LOCK_FILE))
+    lock = FileLock(str(lock_path(run_dir)))
     try:
         with lock.acquire(timeout=timeout):
             yield
@@ -132,48 +143,3 @@ def list_runs(jobs_root: str | Path) -> list[Path]:
         return []
     runs = [p for p in root.iterdir() if (p / RECORD_FILE).is_file()]
     return sorted(runs, key=lambda p: (p / RECORD_FILE).stat().st_mtime, reverse=True)
-
-
-# ------------------------------------------------------------------ per-stage counters
-
-def requeue_count(stage_dir: Path, job_id: str | None) -> int:
-    """Time-out requeues used by the stage's job `job_id` (preemptions are not counted).
-
-    The counter names its job, so a new job (from submit or resume) starts with its full
-    budget without anyone having to reset a file.
-    """
-    try:
-        data = json.loads((stage_dir / "requeues.json").read_text())
-        return int(data["timeouts"]) if str(data["job_id"]) == str(job_id) else 0
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
-        return 0
-
-
-def set_requeue_count(stage_dir: Path, job_id: str, count: int) -> None:
-    """Record the time-out requeues used by job `job_id` (written by the job itself, atomically)."""
-    atomic.write_text(stage_dir / "requeues.json", json.dumps({"job_id": str(job_id), "timeouts": count}))
-
-
-def tail_objects(path: str | Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
-    """JSON objects on the last lines of a JSONL file, newest first (reads only its tail: status stays fast)."""
-    try:
-        with Path(path).open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - max_bytes))
-            tail = f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in reversed(tail.splitlines()):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the first (cut) line, or one being written right now
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
-
-
-def last_step_metrics(path: str | Path) -> dict[str, Any] | None:
-    """The last metrics line that carries a training step."""
-    return next((o for o in tail_objects(path) if "step" in o and "loss" in o), None)

@@ -15,6 +15,11 @@ and `load_task(ref, options)` imports `MyTask` and calls `MyTask(**options)`. Th
 reference task (`progressive.tasks.precond:PreconditionerTask`) is one such class,
 not a special case.
 
+Counting: `plan` never imports the task (a task module imports torch and runs the user's
+code); it reads sample counts from the data's count index, written by `progressive data
+index -c stages.toml`, which asks the task (`count`, else `len(dataset(...))`). See
+`progressive.data.counts`.
+
 Rules a task must follow for resume to be exact: draw every random number of the loss
 from the `generator` argument (the trainer saves and restores its state), and make
 `build_model` depend only on the options and torch's global RNG (the trainer seeds it).
@@ -54,6 +59,16 @@ class Task(ABC):
         from progressive.data.loader import BucketDataset
 
         return BucketDataset(data_path, bucket, split)
+
+    def count(self, data_path: str, bucket: int, split: str) -> int | None:
+        """How many samples `dataset(data_path, bucket, split)` holds, cheaply; None: "build it and take len()".
+
+        Optional: `progressive data index` and `submit` call it (never `plan`, which does not import
+        tasks) before falling back to `len(self.dataset(...))`. Override it when building a dataset
+        is expensive (e.g. it reads every file) but its size is cheap to know (a header, a line count).
+        Return 0 for a split the data lacks; raise only for data that cannot be read.
+        """
+        return None
 
     def collate(self, samples: Sequence[Any]) -> Any:
         """Turn a list of samples into one batch (default: block-diagonal CSR batch)."""

@@ -1,9 +1,10 @@
 """The training loop every stage job runs: `train_stage(plan, stage)`.
 
-Read it top to bottom: set-up (devices, precision, task, data, step counts), the early
-exit for a stage already completed, model and optimizer, where the weights come from
-(this stage's own checkpoint, else the parent's final weights, else a seeded init),
-then the loop of optimizer steps, then evaluation and the final checkpoint.
+`_train` reads top to bottom: set up (task, data, model, optimizer, loader), restore (this
+stage's own checkpoint, else the parent's final weights, else a seeded init), then one
+`_train_step` per optimizer step, saving when a stop is asked or a checkpoint is due, then
+`_finish` (evaluation and final.pt). What a checkpoint holds, and how each part goes into it
+and comes back out, is `progressive.train_state`'s business.
 
 Exact resume is by construction, not by luck:
 - the data position is a pure function of the optimizer step (every step but an epoch's
@@ -24,31 +25,18 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from progressive.checkpoint import (
-    FORMAT,
-    capture_rng,
-    check_fingerprint,
-    clean_temp_files,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    now_iso,
-    prune_checkpoints,
-    restore_rng,
-    save_atomic,
-    step_path,
-)
-from progressive.config import parse_duration_min
+from progressive.checkpoint import clean_temp_files, latest_checkpoint, prune_checkpoints, save_atomic, step_path
+from progressive.data.loader import ResumableSampler, make_loader
 from progressive.distributed import (
     DistInfo,
     barrier,
@@ -56,13 +44,26 @@ from progressive.distributed import (
     env_world,
     gather_to_rank0,
     init_distributed,
+    rank_hosts,
     shutdown_distributed,
     sum_all,
 )
-from progressive.errors import CheckpointError, ConfigError, DataError
+from progressive.errors import ConfigError, DataError
+from progressive.layout import TENSORBOARD_DIR
 from progressive.metrics import MetricsWriter, peak_memory_mb
 from progressive.plan import Plan, StagePlan, steps_per_epoch
+from progressive.signals import job_signals
 from progressive.task import Task, load_task
+from progressive.train_state import (
+    FinalCheckpoint,
+    StageIdentity,
+    TrainParts,
+    TrainState,
+    init_weights,
+    load_final,
+    load_state,
+)
+from progressive.units import parse_duration_min
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +148,63 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
 
 
-def _worker_init(user_init: Callable[[int], None], signums: tuple[int, ...], worker_id: int) -> None:
-    # The pre-timeout signal and Ctrl-C go to the whole process group; workers must outlive them
-    # so the main process can finish its step and checkpoint, whatever the task's own init does.
-    from progressive.data.loader import ignore_job_signals
+class _SaveClock:
+    """When a periodic checkpoint is due: every k optimizer steps, or every s seconds of rank 0's clock."""
 
-    ignore_job_signals(signums)
-    user_init(worker_id)
+    def __init__(self, every: str | int) -> None:
+        self.kind, self.every = checkpoint_interval(every)
+        self.last = time.perf_counter()
+
+    def due(self, step: int, now: float) -> bool:
+        """Whether a checkpoint is due after optimizer step `step`, at perf_counter time `now`."""
+        return step % int(self.every) == 0 if self.kind == "steps" else now - self.last >= self.every
+
+    def saved(self) -> None:
+        """A periodic checkpoint was just written: the next one is due an interval from now."""
+        self.last = time.perf_counter()
 
 
 @dataclass
-class _State:
-    step: int = 0
-    elapsed_s: float = 0.0  # training wall time over all jobs of this stage
-    last_saved_step: int = -1
-    resumed_from: str | None = None
+class _Job:
+    """This job's set-up of a stage: fixed while the loop runs (the progress lives in a TrainState)."""
+
+    plan: Plan
+    stage: StagePlan
+    dist: DistInfo
+    dev: torch.device
+    task: Task
+    parts: TrainParts
+    loader: DataLoader[Any]
+    ident: StageIdentity
+    spe: int  # optimizer steps per epoch
+    per_rank: int  # samples per rank per epoch
+    precision: str
+    autocast: Callable[[], Any]
+
+    @property
+    def loc(self) -> str:
+        return f"stage {self.stage.name!r}"
+
+    @property
+    def total(self) -> int:
+        return self.ident.total_steps
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, samples of it this rank has consumed) after `step` optimizer steps."""
+        epoch, in_epoch = data_position(step, self.spe, self.stage.batch_size, self.stage.train.grad_accum)
+        return epoch, min(in_epoch, self.per_rank)
+
+
+@dataclass(frozen=True)
+class _StepDone:
+    """What one optimizer step reports for its metrics line."""
+
+    epoch: int
+    lr: float
+    samples: int  # on this rank
+    loss_sum: torch.Tensor  # this rank's loss, weighted over its micro-batches
+    grad_norm: torch.Tensor
+    t0: float  # perf_counter at the step's start
 
 
 # --------------------------------------------------------------------------- the stage
@@ -185,7 +228,7 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
             or of the wrong shapes.
         ConfigError / DataError: bad task, world size unlike the plan's, data unlike the plan's.
     """
-    rank, world, local = env_world()
+    _, _, local = env_world()
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -204,23 +247,52 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
 
 def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop_requested: Callable[[], bool],
            on_progress: Callable[[dict[str, Any]], None] | None) -> StageOutcome:
-    tc = stage.train
-    loc = f"stage {stage.name!r}"
     if dist.world_size != stage.world_size:
         raise ConfigError(f"the stage was planned for {stage.world_size} process(es) but runs with {dist.world_size}",
-                          loc=loc, hint="launch one process per task (nodes x tasks_per_node), or change [slurm] to match")
-    ckpt_dir = Path(stage.checkpoint_dir)
-    final_path = Path(stage.final_checkpoint)
-    fingerprint = dict(stage.fingerprint)
+                          loc=f"stage {stage.name!r}",
+                          hint="launch one process per task (nodes x tasks_per_node), or change [slurm] to match")
+    if Path(stage.final_checkpoint).is_file():  # a requeue racing the end, a re-run: not trained twice
+        final = load_final(stage.final_checkpoint, stage.fingerprint)
+        return StageOutcome("completed", int(final.step), int(final.total_steps), str(Path(stage.final_checkpoint)),
+                            final.metrics or {})
 
-    # ---- a stage that already completed (a requeue racing the end, a re-run) is not trained twice
-    if final_path.is_file():
-        final = load_checkpoint(final_path)
-        check_fingerprint(final, fingerprint, final_path)
-        return StageOutcome("completed", int(final["step"]), int(final["total_steps"]), str(final_path),
-                            final.get("metrics") or {})
+    entered = time.time()  # set-up (task, data, model, checkpoint load) is timed for `progressive report`
+    job = _setup(plan, stage, dist, dev)
+    state = _restore(job)
+    model = _distribute(job)
+    metrics = _open_metrics(job, on_progress)
+    try:
+        clock = _SaveClock(stage.train.checkpoint_every)
+        _log_start(job, state, metrics, setup_s=time.time() - entered)
+        model.train()
+        batches: Iterator[Any] | None = None
+        while state.step < job.total:
+            if batches is None:
+                batches = _epoch_batches(job, state.step)
+            done = _train_step(job, model, batches, state)
+            if state.step % job.spe == 0:
+                batches = None  # epoch done: the next step starts a new epoch (and a new iterator)
+            now = time.perf_counter()
+            stop, due, loss = _agree(job, stop_requested(), clock.due(state.step, now), done.loss_sum)
+            state.elapsed_s += now - done.t0
+            _log_step(job, state, metrics, done, loss, now - done.t0)
+            if stop:
+                return _stop(job, state, metrics)
+            if due and state.step < job.total:
+                _save(job, state, metrics, "periodic")
+                clock.saved()
+        del batches
+        return _finish(job, state, metrics)
+    finally:
+        metrics.close()
 
-    # ---- task, data and step counts
+
+# --------------------------------------------------------------------------- set-up and restore
+
+
+def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _Job:
+    """Task, data, step counts, precision, model, optimizer, sampler and loader, all fresh."""
+    tc, loc = stage.train, f"stage {stage.name!r}"
     task: Task = load_task(plan.model.task, plan.model.options)
     train_ds = task.dataset(plan.data_path, stage.bucket, "train")
     n_train = len(train_ds)  # type: ignore[arg-type]
@@ -232,224 +304,206 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         raise DataError(f"the training split has {n_train} samples ({total} steps) but the plan counted "
                         f"{stage.samples and stage.samples.get('train')} ({stage.total_steps} steps)",
                         loc=f"{plan.data_path}: {loc}", hint="the data file changed since the plan was made: re-plan the run")
-    per_rank = math.ceil(n_train / dist.world_size)
     precision, amp_dtype, use_scaler = resolve_precision(tc.precision, dev)
     autocast: Callable[[], Any] = (functools.partial(torch.autocast, dev.type, dtype=amp_dtype)
                                    if amp_dtype is not None else contextlib.nullcontext)
 
-    # ---- model and optimizer (the seed makes every rank build identical initial weights)
-    torch.manual_seed(plan.seed)
+    torch.manual_seed(plan.seed)  # every rank builds identical initial weights
     model = task.build_model().to(dev)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
-    loss_gen = torch.Generator(device=dev).manual_seed(_seed(plan.seed, stage.name, "loss", dist.rank))
+    parts = TrainParts(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
+                       sampler=ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size),
+                       loss_gen=torch.Generator(device=dev).manual_seed(_seed(plan.seed, stage.name, "loss", dist.rank)))
     # Per-rank streams for anything random beyond the loss (dropout, augmentation in a user's task).
     torch.manual_seed(_seed(plan.seed, stage.name, "torch", dist.rank))
 
-    # ---- where the weights come from: own checkpoint > parent's final weights > fresh init
-    st = _State()
-    sampler_state: dict[str, int] | None = None
-    if dist.is_main:
+    # This rank's shard, restartable mid-epoch; workers outlive the job's signals, the stage's own included.
+    loader = make_loader(train_ds, parts.sampler, stage.batch_size, tc.num_workers, pin_memory=dev.type == "cuda",
+                         collate_fn=task.collate, worker_init=task.worker_init_fn,
+                         signals=job_signals(stage.slurm.signal),
+                         # Its own generator: iter(loader) would otherwise draw from the global torch RNG,
+                         # and a resumed job calls iter() at a point where an uninterrupted one did not.
+                         generator=torch.Generator().manual_seed(_seed(plan.seed, stage.name, "loader", dist.rank)))
+    ident = StageIdentity(stage=stage.name, fingerprint=dict(stage.fingerprint), total_steps=total,
+                          train_samples=n_train, world_size=dist.world_size)
+    return _Job(plan=plan, stage=stage, dist=dist, dev=dev, task=task, parts=parts, loader=loader, ident=ident,
+                spe=spe, per_rank=math.ceil(n_train / dist.world_size), precision=precision, autocast=autocast)
+
+
+def _restore(job: _Job) -> TrainState:
+    """Where training starts: this stage's own checkpoint > the parent's final weights > the seeded init."""
+    state = TrainState()
+    ckpt_dir = Path(job.stage.checkpoint_dir)
+    if job.dist.is_main:
         clean_temp_files(ckpt_dir)
-    barrier(dist)
-    resume = latest_checkpoint(ckpt_dir)
-    if resume is not None:
-        ck = load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        check_fingerprint(ck, fingerprint, resume)
-        if ck.get("train_samples") != n_train:
-            raise CheckpointError(f"the checkpoint was written for {ck.get('train_samples')} training samples, "
-                                  f"the data now has {n_train}", loc=str(resume),
-                                  hint="use the data file the run started with, or start a new run")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        restore_rng(ck["rng"][dist.rank], loss_gen)
-        st.step, st.elapsed_s, st.last_saved_step, st.resumed_from = int(ck["step"]), float(ck["elapsed_s"]), int(ck["step"]), str(resume)
-        sampler_state = ck.get("sampler")
-        del ck
-    elif stage.init_from.kind in ("stage", "path"):
-        _init_weights(model, stage, loc)
+    barrier(job.dist)
+    path = latest_checkpoint(ckpt_dir)
+    if path is not None:
+        ck = load_state(path, job.ident)
+        job.parts.restore(ck, rank=job.dist.rank, position=job.position(ck.step), path=path)
+        state.load_state_dict(ck.to_dict(), source=str(path))
+    elif job.stage.init_from.kind in ("stage", "path"):
+        init_weights(job.parts.model, job.stage.init_from, job.loc)
+    return state
 
-    raw_model = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+def _distribute(job: _Job) -> torch.nn.Module:
+    """The model the loss calls: wrapped in DDP once its weights are in place, or the bare model alone."""
+    if not job.dist.enabled:
+        return job.parts.model
+    return DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None)
 
-    # ---- data loader: this rank's shard, restartable mid-epoch
-    from progressive.data.loader import ResumableSampler
 
-    sampler = ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size, shuffle=True)
-    if sampler_state is not None:
-        sampler.load_state_dict(sampler_state)  # checks the data order's seed; the loop sets the position
-    from progressive.data.loader import JOB_SIGNALS
+def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None) -> MetricsWriter:
+    """Rank 0's metrics stream (a no-op writer on the other ranks)."""
+    main, path = job.dist.is_main, Path(job.stage.metrics_path)
+    return MetricsWriter(path if main else None, on_event=on_progress if main else None,
+                         tensorboard_dir=path.parent / TENSORBOARD_DIR if main and job.stage.train.tensorboard else None)
 
-    signums = tuple({*JOB_SIGNALS, getattr(signal, f"SIG{stage.slurm.signal}")})
-    loader = DataLoader(train_ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=task.collate,
-                        num_workers=tc.num_workers, pin_memory=dev.type == "cuda", drop_last=False,
-                        # Its own generator: iter(loader) would otherwise draw from the global torch RNG,
-                        # and a resumed job calls iter() at a point where an uninterrupted one did not.
-                        generator=torch.Generator().manual_seed(_seed(plan.seed, stage.name, "loader", dist.rank)),
-                        worker_init_fn=functools.partial(_worker_init, task.worker_init_fn, signums)
-                        if tc.num_workers > 0 else None)
 
-    metrics = MetricsWriter(stage.metrics_path if dist.is_main else None, on_event=on_progress if dist.is_main else None,
-                            tensorboard_dir=Path(stage.metrics_path).parent / "tensorboard"
-                            if dist.is_main and tc.tensorboard else None)
-    every_kind, every = checkpoint_interval(tc.checkpoint_every)
-    job_start = time.time()
-    last_save_time = time.perf_counter()
+def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s: float) -> None:
+    stage, dist = job.stage, job.dist
     if dist.is_main:
         log.info("stage %s: %s at step %d/%d on %s (%s, world size %d)", stage.name,
-                 f"resuming {st.resumed_from}" if st.resumed_from else f"starting ({stage.init_from.kind} init)",
-                 st.step, total, dev, precision, dist.world_size)
-    metrics.write({"event": "start", "stage": stage.name, "step": st.step, "total_steps": total,
-                   "resumed_from": st.resumed_from,
-                   "init_from": None if st.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
-                   "world_size": dist.world_size, "device": str(dev),
-                   "precision": precision, "time": job_start, "notes": metrics.notes})
-
-    def save_state(reason: str) -> Path:
-        # Every rank hands its RNG states to rank 0, which writes one file for all of them.
-        t0 = time.perf_counter()
-        rngs = gather_to_rank0(capture_rng(loss_gen), dist)
-        path = step_path(ckpt_dir, st.step)
-        if dist.is_main:
-            epoch, in_epoch = data_position(st.step, spe, stage.batch_size, tc.grad_accum)
-            save_atomic({
-                "format": FORMAT, "kind": "state", "stage": stage.name, "fingerprint": fingerprint,
-                "step": st.step, "total_steps": total, "epoch": epoch, "epoch_samples": min(in_epoch, per_rank),
-                "train_samples": n_train, "world_size": dist.world_size, "elapsed_s": st.elapsed_s,
-                # The sampler's own record of the position (the trainer recomputes it from `step`).
-                "sampler": {"seed": plan.seed, "epoch": epoch, "start": min(in_epoch, per_rank)},
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": {"kind": "warmup_cosine", "step": st.step, "total": total},
-                "scaler": scaler.state_dict() if use_scaler else None, "rng": rngs,
-                "saved_at": now_iso(), "torch_version": str(torch.__version__),
-            }, path)
-            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-            secs = time.perf_counter() - t0
-            metrics.write({"event": "checkpoint", "step": st.step, "reason": reason, "path": str(path),
-                           "seconds": secs, "time": time.time()})
-            log.info("stage %s: saved %s (%s, %.2fs)", stage.name, path.name, reason, secs)
-        barrier(dist)  # nobody runs ahead (or returns) before the file is in place
-        st.last_saved_step = st.step
-        return path
-
-    # ---- the loop: one iteration = one optimizer step
-    model.train()
-    try:
-        it = None
-        while st.step < total:
-            epoch, in_epoch = data_position(st.step, spe, stage.batch_size, tc.grad_accum)
-            if it is None:
-                sampler.set_epoch(epoch, start=in_epoch)
-                it = iter(loader)
-            step_in_epoch = st.step - epoch * spe
-            sizes = micro_batch_sizes(per_rank, stage.batch_size, tc.grad_accum, step_in_epoch)
-            t0 = time.perf_counter()
-            lr = get_lr(st.step, total, tc.warmup_frac, tc.lr, tc.min_lr_frac)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            loss_sum = torch.zeros((), device=dev)
-            for i, size in enumerate(sizes):
-                batch = next(it, None)
-                if batch is None or task.batch_len(batch) != size:
-                    got = "no batch" if batch is None else f"{task.batch_len(batch)} samples"
-                    raise DataError(f"the loader gave {got} where micro-batch {i} of step {st.step} needs {size}",
-                                    loc=loc, hint="the sampler must yield ceil(n / world_size) indices per rank from `start`")
-                batch = task.to_device(batch, dev)
-                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-                sync = contextlib.nullcontext() if not dist.enabled or i == len(sizes) - 1 else model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = task.loss(model, batch, loss_gen)
-                    # Weight by samples so a short last micro-batch counts for what it holds.
-                    weighted = loss * (size / sum(sizes))
-                    scaler.scale(weighted).backward()
-                loss_sum += weighted.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.clip_grad_norm or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            st.step += 1
-            if st.step % spe == 0:
-                it = None  # epoch done: the next step starts a new epoch (and a new iterator)
-
-            # One all-reduce: any rank's stop request, rank 0's clock for time-based saves, the loss.
-            now = time.perf_counter()
-            due = (st.step % int(every) == 0) if every_kind == "steps" else (now - last_save_time >= every)
-            stop_v, due_v, loss_v = sum_all([float(stop_requested()), float(due and dist.is_main), float(loss_sum)],
-                                            dist, dev)
-            dt = now - t0
-            st.elapsed_s += dt
-            if dist.is_main and (st.step % tc.log_every == 0 or st.step == total):
-                metrics.write({"event": "step", "step": st.step, "total_steps": total, "epoch": epoch,
-                               "loss": loss_v / dist.world_size, "lr": lr, "grad_norm": float(grad_norm),
-                               "samples_per_s": sum(sizes) * dist.world_size / max(dt, 1e-9),
-                               "peak_mem_mb": peak_memory_mb(dev), "time": time.time(), "elapsed_s": st.elapsed_s})
-            if stop_v > 0:
-                path = save_state("stop")
-                metrics.write({"event": "stopped", "step": st.step, "total_steps": total, "checkpoint": str(path),
-                               "time": time.time()})
-                return StageOutcome("stopped", st.step, total, str(path), None, st.resumed_from)
-            if due_v > 0 and st.step < total:
-                save_state("periodic")
-                last_save_time = time.perf_counter()
-        del it
-
-        # ---- the end: full state first (so a kill during eval redoes no step), then eval and final.pt
-        if st.last_saved_step != total:
-            save_state("end")
-        results: dict[str, float] = {}
-        if dist.is_main and tc.eval_samples > 0 and (stage.samples is None or stage.samples.get("val", 0) > 0):
-            raw_model.eval()
-            results = task.evaluate(raw_model, task.dataset(plan.data_path, stage.bucket, "val"), device=dev,
-                                    max_samples=tc.eval_samples)
-        results = broadcast_from_rank0(results, dist)
-        if dist.is_main:
-            save_atomic({"format": FORMAT, "kind": "final", "stage": stage.name, "fingerprint": fingerprint,
-                         "step": total, "total_steps": total, "train_samples": n_train, "world_size": dist.world_size,
-                         "elapsed_s": st.elapsed_s, "model": raw_model.state_dict(), "metrics": results,
-                         "saved_at": now_iso(), "torch_version": str(torch.__version__)}, final_path)
-            log.info("stage %s: completed, final weights %s", stage.name, final_path)
-            metrics.write({"event": "completed", "step": total, "total_steps": total, "checkpoint": str(final_path),
-                           "elapsed_s": st.elapsed_s, "eval": results, "time": time.time()})
-        barrier(dist)
-        return StageOutcome("completed", total, total, str(final_path), results, st.resumed_from)
-    finally:
-        metrics.close()
+                 f"resuming {state.resumed_from}" if state.resumed_from else f"starting ({stage.init_from.kind} init)",
+                 state.step, job.total, job.dev, job.precision, dist.world_size)
+    hosts = rank_hosts(dist)  # a collective: every rank takes part, rank 0 records it
+    metrics.write({"event": "start", "stage": stage.name, "step": state.step, "total_steps": job.total,
+                   "resumed_from": state.resumed_from,
+                   "init_from": None if state.resumed_from or stage.init_from.kind == "none" else stage.init_from.checkpoint,
+                   "world_size": dist.world_size, "hosts": hosts, "nodes": sorted(set(hosts or [])),
+                   "device": str(job.dev),
+                   "precision": job.precision, "time": time.time(), "setup_s": setup_s, "notes": metrics.notes})
 
 
-def _init_weights(model: torch.nn.Module, stage: StagePlan, loc: str) -> None:
-    """Load the parent's (or a given file's) weights into `model`; fresh optimizer and schedule follow."""
-    ref = stage.init_from
-    path = Path(ref.checkpoint or "")
-    if not path.is_file():
-        what = f"parent stage {ref.stage!r} has no final checkpoint" if ref.kind == "stage" else "init_from file not found"
-        raise CheckpointError(f"{what}: {path}", loc=loc,
-                              hint="run the parent stage to completion first" if ref.kind == "stage"
-                              else "check the init_from path in the stage graph")
-    weights = load_weights(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes))
-        if missing:
-            parts.append("missing from the checkpoint: " + ", ".join(missing))
-        if unexpected:
-            parts.append("not in the model: " + ", ".join(unexpected))
-        raise CheckpointError(f"weights in {path} do not fit this stage's model: " + " | ".join(parts), loc=loc,
-                              hint="the parent must use the same task and [model.options] (hidden size, layers)")
-    model.load_state_dict(weights)
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def _epoch_batches(job: _Job, step: int) -> Iterator[Any]:
+    """An iterator over the rest of the epoch `step` is in: the sampler restarts at the samples consumed."""
+    job.parts.sampler.set_epoch(*job.position(step))
+    return iter(job.loader)
+
+
+def _next_batch(job: _Job, batches: Iterator[Any], size: int, i: int, step: int) -> Any:
+    """Micro-batch `i` of optimizer step `step`, on the device; it must hold `size` samples."""
+    batch = next(batches, None)
+    if batch is None or job.task.batch_len(batch) != size:
+        got = "no batch" if batch is None else f"{job.task.batch_len(batch)} samples"
+        raise DataError(f"the loader gave {got} where micro-batch {i} of step {step} needs {size}",
+                        loc=job.loc, hint="the sampler must yield ceil(n / world_size) indices per rank from `start`")
+    return job.task.to_device(batch, job.dev)
+
+
+def _train_step(job: _Job, model: torch.nn.Module, batches: Iterator[Any], state: TrainState) -> _StepDone:
+    """One optimizer step: accumulate its micro-batches' gradients, clip, apply; advances `state.step`."""
+    tc, parts = job.stage.train, job.parts
+    epoch, _ = job.position(state.step)
+    sizes = micro_batch_sizes(job.per_rank, job.stage.batch_size, tc.grad_accum, state.step - epoch * job.spe)
+    t0 = time.perf_counter()
+    lr = get_lr(state.step, job.total, tc.warmup_frac, tc.lr, tc.min_lr_frac)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+
+    loss_sum = torch.zeros((), device=job.dev)
+    for i, size in enumerate(sizes):
+        batch = _next_batch(job, batches, size, i, state.step)
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        last = i == len(sizes) - 1
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with sync:
+            with job.autocast():
+                loss = job.task.loss(model, batch, parts.loss_gen)
+            # Weight by samples so a short last micro-batch counts for what it holds.
+            weighted = loss * (size / sum(sizes))
+            parts.scaler.scale(weighted).backward()
+        loss_sum += weighted.detach().float()
+    parts.scaler.unscale_(parts.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), tc.clip_grad_norm or float("inf"))
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return _StepDone(epoch=epoch, lr=lr, samples=sum(sizes), loss_sum=loss_sum, grad_norm=grad_norm, t0=t0)
+
+
+def _agree(job: _Job, stop: bool, due: bool, loss_sum: torch.Tensor) -> tuple[bool, bool, float]:
+    """(stop, save due, mean loss) over ranks in one all-reduce: any rank's stop, rank 0's clock."""
+    stop_v, due_v, loss_v = sum_all([float(stop), float(due and job.dist.is_main), float(loss_sum)], job.dist, job.dev)
+    return stop_v > 0, due_v > 0, loss_v / job.dist.world_size
+
+
+def _log_step(job: _Job, state: TrainState, metrics: MetricsWriter, done: _StepDone, loss: float, dt: float) -> None:
+    if job.dist.is_main and (state.step % job.stage.train.log_every == 0 or state.step == job.total):
+        metrics.write({"event": "step", "step": state.step, "total_steps": job.total, "epoch": done.epoch,
+                       "loss": loss, "lr": done.lr, "grad_norm": float(done.grad_norm),
+                       "samples_per_s": done.samples * job.dist.world_size / max(dt, 1e-9),
+                       "peak_mem_mb": peak_memory_mb(job.dev), "time": time.time(), "elapsed_s": state.elapsed_s})
+
+
+# --------------------------------------------------------------------------- saving and the end
+
+
+def _save(job: _Job, state: TrainState, metrics: MetricsWriter, reason: str) -> Path:
+    """Checkpoint the state after `state.step`: every rank hands its RNG states to rank 0, which writes one file."""
+    t0 = time.perf_counter()
+    rngs = gather_to_rank0(job.parts.rng_state(), job.dist)
+    path = step_path(job.stage.checkpoint_dir, state.step)
+    # The sampler records what training consumed, not how far the loader prefetched; the live
+    # iterator already holds its order, so moving the sampler's position does not disturb it.
+    job.parts.sampler.set_epoch(*job.position(state.step))
+    if job.dist.is_main and rngs is not None:
+        save_atomic(job.parts.capture(job.ident, state, rngs).to_dict(), path)
+        prune_checkpoints(job.stage.checkpoint_dir, job.stage.train.keep_checkpoints)
+        secs = time.perf_counter() - t0
+        metrics.write({"event": "checkpoint", "step": state.step, "reason": reason, "path": str(path),
+                       "seconds": secs, "time": time.time()})
+        log.info("stage %s: saved %s (%s, %.2fs)", job.stage.name, path.name, reason, secs)
+    barrier(job.dist)  # nobody runs ahead (or returns) before the file is in place
+    state.last_saved_step = state.step
+    return path
+
+
+def _stop(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
+    """A stop was asked (on some rank): save after this step and say so."""
+    path = _save(job, state, metrics, "stop")
+    metrics.write({"event": "stopped", "step": state.step, "total_steps": job.total, "checkpoint": str(path),
+                   "time": time.time()})
+    return StageOutcome("stopped", state.step, job.total, str(path), None, state.resumed_from)
+
+
+def _evaluate(job: _Job) -> dict[str, float]:
+    """Rank 0's evaluation on the validation split (empty if none is asked or there is none)."""
+    tc, stage = job.stage.train, job.stage
+    if not job.dist.is_main or tc.eval_samples <= 0 or (stage.samples is not None and stage.samples.get("val", 0) <= 0):
+        return {}
+    job.parts.model.eval()
+    return job.task.evaluate(job.parts.model, job.task.dataset(job.plan.data_path, stage.bucket, "val"), device=job.dev,
+                             max_samples=tc.eval_samples)
+
+
+def _finish(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
+    """Full state first (so a kill during evaluation redoes no step), then evaluation and final.pt."""
+    if state.last_saved_step != job.total:
+        _save(job, state, metrics, "end")
+    t_eval = time.perf_counter()
+    results: dict[str, float] = broadcast_from_rank0(_evaluate(job), job.dist)
+    eval_s = time.perf_counter() - t_eval
+    final_path = str(Path(job.stage.final_checkpoint))
+    if job.dist.is_main:
+        t_save = time.perf_counter()
+        ident = job.ident
+        final = FinalCheckpoint(stage=ident.stage, fingerprint=ident.fingerprint, step=job.total, total_steps=job.total,
+                                train_samples=ident.train_samples, world_size=ident.world_size,
+                                elapsed_s=state.elapsed_s, model=job.parts.model.state_dict(), metrics=results)
+        save_atomic(final.to_dict(), final_path)
+        log.info("stage %s: completed, final weights %s", job.stage.name, final_path)
+        # eval_s / final_save_s: where the end of a stage's time goes (`progressive report`).
+        metrics.write({"event": "completed", "step": job.total, "total_steps": job.total, "checkpoint": final_path,
+                       "elapsed_s": state.elapsed_s, "eval": results, "eval_s": eval_s,
+                       "final_save_s": time.perf_counter() - t_save, "time": time.time()})
+    barrier(job.dist)
+    return StageOutcome("completed", job.total, job.total, final_path, results, state.resumed_from)

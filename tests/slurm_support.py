@@ -54,9 +54,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
-def status(run: str, jobs: Path) -> dict[str, dict[str, Any]]:
-    """`progressive status RUN --json`, keyed by stage."""
-    proc = run_cli("status", run, "--jobs", str(jobs), "--json", check=True)
+def status(run: str, jobs: Path, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """`progressive status RUN --json`, keyed by stage (`env`: e.g. another cluster's SLURM_CONF)."""
+    proc = run_cli("status", run, "--jobs", str(jobs), "--json", check=True, env=env)
     return {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
 
 
@@ -168,3 +168,41 @@ def accounting_off(slurm_cluster: None) -> Iterator[None]:
             up = _script(str(REPO / "scripts" / "slurm-up.sh"))
             assert up.returncode == 0, (f"accounting could not be turned back on:\n{on.stdout}{on.stderr}\n"
                                         f"slurm-up.sh:\n{up.stdout}{up.stderr}")
+
+
+# ---------------------------------------------------------------- the 2-node cluster
+MULTINODE_CONF = Path("/var/lib/progressive-slurm-mn/slurm.conf")
+MULTINODE_NODES = ["pmn1", "pmn2"]
+
+
+def multinode_env() -> dict[str, str]:
+    """Environment that points Slurm's commands (ours, submitit's, the jobs' srun) at the 2-node cluster."""
+    return {**os.environ, "SLURM_CONF": str(MULTINODE_CONF), "PYTHONPATH": str(REPO)}
+
+
+def _multinode_problem() -> str | None:
+    if not MULTINODE_CONF.is_file():
+        return f"{MULTINODE_CONF} does not exist"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20,
+                             env=multinode_env())
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if out.returncode != 0:
+        return f"sinfo: {out.stderr.strip()}"
+    nodes = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    if sorted(nodes) != MULTINODE_NODES:
+        return f"nodes {sorted(nodes)}, expected {MULTINODE_NODES}"
+    bad = {n: s for n, s in nodes.items() if not s.startswith(("idle", "mixed", "alloc", "completing"))}
+    return f"node states {bad}" if bad else None
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster() -> dict[str, str]:
+    """The 2-node test cluster must be up; fail loudly (never skip) if not. Returns the env that targets it."""
+    problem = _multinode_problem()
+    if problem:
+        pytest.fail(f"the 2-node Slurm test cluster is not running ({problem}); start it with "
+                    "`bash scripts/slurm-up.sh && bash scripts/slurm-multinode-up.sh` "
+                    "(or deselect these tests with -m 'not slurm')", pytrace=False)
+    return multinode_env()

@@ -12,7 +12,7 @@ import pytest
 from progressive.config import parse_config
 from progressive.errors import ConfigError
 from progressive.plan import build_plan, missing_inputs, steps_per_epoch
-from progressive.slurm import render_script, sbatch_parameters
+from progressive.backends.slurm import render_script, sbatch_parameters
 from tests.util import REPO, graph_toml, run_cli
 
 HEAD = '[run]\nname = "t"\ndata = "d.h5"\n[slurm]\ntime = "90m"\nsignal_delay = "45s"\nmem = "3G"\n'

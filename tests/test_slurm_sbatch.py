@@ -51,3 +51,32 @@ def test_submit_without_data_submits_nothing(slurm_cluster: None, tmp_path: Path
     assert proc.returncode != 0
     assert "missing.h5" in proc.stderr and "progressive data generate" in proc.stderr
     assert not (tmp_path / "jobs").exists()
+
+
+def _without_dependency(script: str) -> str:
+    return "".join(line for line in script.splitlines(keepends=True) if not line.startswith("#SBATCH --dependency="))
+
+
+def test_submit_sends_exactly_the_dry_run_script(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    """What `plan --dry-run` shows is what Slurm received, byte for byte, the dependency line aside."""
+    head = (f'[run]\nname = "same"\ndata = "{tiny_dataset}"\n[slurm]\ntime = "5m"\nmem = "1G"\nsignal_delay = "30s"\n'
+            'setup = ["export SAME_SCRIPT=1"]\n[model]\n[model.options]\nhidden = 8\nlayers = 1\n')
+    (tmp_path / "stages.toml").write_text(graph_toml([{"name": "a", "bucket": 32, "epochs": 50},
+                                                      {"name": "b", "bucket": 64}], head=head))
+    shown = {s["name"]: s["sbatch"] for s in json.loads(run_cli("plan", "--json", cwd=tmp_path, check=True).stdout)["stages"]}
+    dry = run_cli("plan", "--dry-run", cwd=tmp_path, check=True).stdout
+    assert all(s.strip() in dry for s in shown.values())  # the dry-run prints the same text
+    run_cli("submit", cwd=tmp_path, check=True)
+    rec = json.loads((tmp_path / "jobs" / "same" / "run.json").read_text())
+    ids = {n: s["submissions"][-1]["job_id"] for n, s in rec["stages"].items()}
+    try:
+        for name, job in ids.items():
+            received = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True,
+                                      timeout=30, check=True).stdout
+            kept = (tmp_path / "jobs" / "same" / "slurm" / job / f"{job}_submission.sh").read_text()
+            assert received == kept
+            assert _without_dependency(received) == _without_dependency(shown[name]), name
+        assert "#SBATCH --dependency=afterok:" + ids["a"] + "\n" in received  # b's line, bound to a's real id
+        assert "--dependency='afterok:<a>'" in shown["b"] and "--dependency" not in shown["a"]
+    finally:
+        subprocess.run(["scancel", *ids.values()], capture_output=True, timeout=30)

@@ -92,6 +92,9 @@ def test_two_gloo_ranks_stop_together_resume_and_match(tmp_path: Path) -> None:
     events = [json.loads(line) for line in Path(last[0]["metrics"]).read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert all(e["world_size"] == 2 for e in events if e["event"] == "start")
+    # each rank's host, gathered by rank 0 (both here; tests/test_slurm_multinode.py has them on two nodes)
+    me = socket.gethostname()
+    assert all(e["hosts"] == [me, me] and e["nodes"] == [me] for e in events if e["event"] == "start")
 
 
 def _rank_main(folder: str, data: str, run: str, stop_json: str) -> None:

@@ -1,6 +1,7 @@
 """`progressive data ...`: make, check and reshape bucketed datasets.
 
-generate, inspect [--verify], subset, merge, split. The work is in `progressive.data`; this
+generate, inspect [--verify], subset, merge, split (plus index, pack-arrays and generate-seq
+from `data_byo_cmds`). The work is in `progressive.data`; this
 module parses, shows progress and prints. Heavy imports happen inside the handlers, so
 `progressive --help` stays fast.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from progressive.errors import DataError
+from progressive.signals import INTERRUPT_SIGNALS
 
 
 
@@ -23,8 +25,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     """Add the `data` command group."""
     from progressive.data.format import COMPRESSIONS, DEFAULT_COMPRESSION
 
-    p = sub.add_parser("data", help="generate, inspect, verify, subset, merge and split datasets",
-                       description="Make, check and reshape bucketed HDF5 datasets (docs/data-format.md).")
+    p = sub.add_parser("data", help="generate, inspect, verify, subset, merge and split datasets; index a task's own data",
+                       description="Make, check and reshape bucketed HDF5 datasets (docs/data-format.md); "
+                       "pack numpy arrays into the dense-array layout; count any task's data for plan (index).")
     def show_help(args: argparse.Namespace) -> int:
         p.print_help()
         return 2
@@ -88,6 +91,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     output(r)
     r.set_defaults(handler=cmd_resplit)
 
+    from progressive.cli import data_byo_cmds  # index, pack-arrays, generate-seq: data of any task
+
+    data_byo_cmds.register(acts)
+
 
 # --------------------------------------------------------------------------- parsing helpers
 
@@ -129,7 +136,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
         if len(caught) > 1:
             raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in INTERRUPT_SIGNALS}
     try:
         with _bar(label, console()) as update:
             def checked(done: int, total: int) -> None:

@@ -42,13 +42,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s.set_defaults(handler=cmd_schema)
 
 
-def data_counts(path: Path) -> Mapping[int, Mapping[str, int]]:
-    """Samples per bucket and split, from the dataset's index (no torch; writes nothing)."""
-    from progressive.data.format import bucket_counts
-
-    return bucket_counts(path, refresh_sidecar=False)
-
-
 def split_stages(text: str | None) -> list[str] | None:
     """Parse --stages a,b,c."""
     if not text:
@@ -56,14 +49,32 @@ def split_stages(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def load_plan(args: argparse.Namespace) -> "Plan":
-    """Config file + options -> Plan (raises ConfigError on a bad file or option)."""
+def load_plan(args: argparse.Namespace, *, ask_task: bool = False) -> "Plan":
+    """Config file + options -> Plan (raises ConfigError on a bad file or option).
+
+    Counts come from `progressive.data.counts.plan_counts` (no torch). With `ask_task` (submit),
+    data that only the task can count is counted by the task (this imports it, and torch).
+    """
     from progressive.config import load_config
+    from progressive.data.counts import CountsUnknown, counts_from_task, plan_counts
     from progressive.plan import build_plan
 
     cfg = load_config(args.config)
+    buckets = [st.bucket for st in cfg.stage]
+
+    def counts(path: Path) -> Mapping[int, Mapping[str, int]]:
+        try:
+            return plan_counts(path, buckets=buckets, task=cfg.model.task, options=cfg.model.options,
+                               config=args.config)
+        except CountsUnknown:
+            if not ask_task:
+                raise
+            from progressive.task import load_task
+
+            return counts_from_task(load_task(cfg.model.task, cfg.model.options), path, buckets)
+
     return build_plan(cfg, args.config, run_name=args.run_name, select=split_stages(getattr(args, "stages", None)),
-                      counts=data_counts)
+                      counts=counts)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -88,7 +99,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def plan_json(plan: "Plan") -> dict[str, Any]:
     """The plan as JSON-able data, with each stage's sbatch script."""
-    from progressive.slurm import render_script
+    from progressive.backends.slurm import render_script
 
     out = plan.model_dump(mode="json", exclude={"stages"})
     out["stages"] = []
@@ -176,7 +187,7 @@ def show_scripts(plan: "Plan") -> None:
     """Print every stage's sbatch script (dependencies shown as afterok:<parent>)."""
     from rich.rule import Rule
 
-    from progressive.slurm import render_script
+    from progressive.backends.slurm import render_script
 
     con = console()
     for st in plan.stages:

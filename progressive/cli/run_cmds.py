@@ -10,18 +10,17 @@ from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
 from progressive.cli.render import console
-from progressive.errors import RunError
+from progressive.errors import DataError, RunError
+from progressive.states import StageState
 
-STATE_STYLE = {
-    "completed": "green", "running": "cyan", "pending": "blue", "blocked": "bold red", "failed": "red",
-    "timeout": "yellow", "cancelled": "magenta", "stopped": "yellow", "unknown": "dim", "not submitted": "dim",
+S = StageState
+
+# How `status` colours each state (every StageState has one: a test checks).
+STATE_STYLE: dict[StageState, str] = {
+    S.COMPLETED: "green", S.RUNNING: "cyan", S.PENDING: "blue", S.SUSPENDED: "yellow", S.BLOCKED: "bold red",
+    S.FAILED: "red", S.TIMEOUT: "yellow", S.CANCELLED: "magenta", S.STOPPED: "yellow", S.PRUNED: "dim",
+    S.UNKNOWN: "dim", S.NOT_SUBMITTED: "dim", S.NOT_STARTED: "dim",
 }
-
-
-def _job_fn() -> Any:
-    from progressive.job import run_stage_job
-
-    return run_stage_job
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -51,6 +50,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _jobs_root_arg(lg)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
     lg.add_argument("--err", action="store_true", help="the job's stderr instead of stdout")
+    lg.add_argument("--task", type=_task_arg, default=0, metavar="N|all",
+                    help="which task (DDP rank) of a multi-task job: a number (default 0) or `all`")
     lg.set_defaults(handler=cmd_logs)
 
     c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
@@ -59,7 +60,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.set_defaults(handler=cmd_cancel)
 
     d = sub.add_parser("demo", help="make a tiny dataset and run the tiny curriculum on this machine (minutes)")
-    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: examples/tiny.toml)")
+    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in copy of examples/tiny.toml,"
+                   " writing data/, jobs/ and checkpoints/ under the current folder)")
     d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
     d.set_defaults(handler=cmd_demo)
 
@@ -84,19 +86,29 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _task_arg(text: str) -> int | None:
+    """--task: a task number, or None for `all`."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a task number (0, 1, ...) or 'all', got {text!r}")
+    return int(text)
+
+
 # ------------------------------------------------------------------ submit
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of `progressive submit`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.backends import get_backend
 
-    plan = load_plan(args)
+    plan = load_plan(args, ask_task=not args.dry_run)  # data without an index: the task counts it
     if args.dry_run:
         show_plan(plan)
         show_scripts(plan)
         return 0
     config_text = Path(args.config).read_text(encoding="utf-8")
-    rec = orchestrate.submit(plan, config_text, job_fn=_job_fn(), local=args.local)
+    rec = runs.submit(plan, config_text, get_backend("local" if args.local else "slurm"))
     con = console()
     if args.local:
         con.print(f"run [bold]{rec.run_name}[/] on this machine; records in {rel(rec.run_dir)}")
@@ -118,7 +130,7 @@ def _run_local(rec: Any) -> int:
     """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from progressive.local import run_local
+    from progressive.backends.local import run_local
 
     con = console()
     tasks: dict[str, Any] = {}
@@ -162,7 +174,7 @@ def show_results(rec: Any) -> None:
     """
     from rich.table import Table
 
-    from progressive.record import tail_objects
+    from progressive.metrics import tail_objects
 
     rows = []
     keys: list[str] = []
@@ -176,7 +188,7 @@ def show_results(rec: Any) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out matrices)", header_style="bold")
+    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out data)", header_style="bold")
     for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
         t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
     for st, done, last, ev in rows:
@@ -195,19 +207,19 @@ def _num(v: Any) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `progressive status`."""
-    from progressive import orchestrate
+    from progressive import record, runs
+    from progressive.states import FINAL
+    from progressive.status import stage_statuses
 
-    from progressive import record
-
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
+    rec = runs.find_run(Path(args.jobs), args.run, verb="status")
     while True:
         rec = record.load(rec.run_dir)  # a resume in between changes the job ids
-        statuses = orchestrate.stage_statuses(rec)
+        statuses = stage_statuses(rec)
         if args.json:
             print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
         else:
             _show_status(rec, statuses)
-        if not args.watch or all(s.state not in ("pending", "running", "suspended") for s in statuses):
+        if not args.watch or all(s.state in FINAL for s in statuses):
             return 0
         time.sleep(args.watch)
 
@@ -226,7 +238,7 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
         t.add_column(col)
     for s in statuses:
-        style = STATE_STYLE.get(s.state, "")
+        style = STATE_STYLE[s.state]
         progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
         ckpt = s.final_checkpoint or s.checkpoint
         t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
@@ -235,9 +247,9 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     con = console()
     con.print(t)
     for s in statuses:
-        if s.state == "blocked":
+        if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
-        elif s.fix and s.state != "not submitted":
+        elif s.fix:
             con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
                       f"Continue with: [bold]{s.fix}[/]")
 
@@ -246,16 +258,18 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Handler of `progressive resume`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.backends import get_backend
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
-    if rec.mode == "local":
+    rec = runs.find_run(Path(args.jobs), args.run, verb="resume")
+    backend = get_backend(rec.mode)
+    actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
+    if backend.runs_in_process:
         if args.dry_run:
-            for a in orchestrate.plan_resume(rec):
+            for a in actions:
                 console().print(f"{a.stage}: {'skip (completed)' if a.action.startswith('skip') else 'run locally'}")
             return 0
         return _run_local(rec)
-    actions = orchestrate.resume(rec, job_fn=_job_fn(), dry_run=args.dry_run)
     from rich.table import Table
 
     t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
@@ -272,11 +286,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Handler of `progressive cancel`."""
-    from progressive import orchestrate
+    from progressive import runs
     from progressive.cli.plan_cmds import split_stages
 
-    rec = orchestrate.find_run(Path(args.jobs), args.run)
-    ids = orchestrate.cancel(rec, split_stages(args.stages))
+    rec = runs.find_run(Path(args.jobs), args.run, verb="cancel")
+    ids = runs.cancel(rec, split_stages(args.stages))
     console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
                     f"continue later with: progressive resume {rec.run_name}")
     return 0
@@ -284,23 +298,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Handler of `progressive logs [RUN] STAGE`."""
-    from progressive import orchestrate
+    from progressive import runs
+    from progressive.status import log_files
 
     if len(args.args) > 2:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
-    rec = orchestrate.find_run(Path(args.jobs), run)
-    files = orchestrate.log_files(rec, stage)
+    rec = runs.find_run(Path(args.jobs), run, verb="logs")
+    files = log_files(rec, stage, task=args.task)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
     if not existing:
-        raise RunError(f"stage {stage!r} has no {'stderr' if args.err else 'output'} yet", loc=str(rec.run_dir),
-                       hint=f"check `progressive status {rec.run_name}`: the job may still be pending")
+        which = "stderr" if args.err else "output"
+        raise RunError(f"stage {stage!r} has no {which}{'' if args.task is None else f' of task {args.task}'} yet",
+                       loc=str(rec.run_dir), hint=f"check `progressive status {rec.run_name}`: the job may still be "
+                                                  "pending" + ("" if args.task in (0, None) else
+                                                               ", or the job has fewer tasks (try --task all)"))
     import sys
 
+    def header(p: Path) -> None:
+        # With every task's files in one stream, say whose lines follow.
+        if args.task is None:
+            sys.stdout.write(f"==> {p.name} <==\n")
+
     for p in existing[:-1]:
+        header(p)
         sys.stdout.write(p.read_text(errors="replace"))
     last = existing[-1]
+    header(last)
     with last.open("r", errors="replace") as f:
         sys.stdout.write(f.read())
         sys.stdout.flush()
@@ -318,27 +343,43 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Handler of `progressive demo`: tiny data, tiny curriculum, locally, then the result table."""
-    from progressive import orchestrate
-    from progressive.cli.plan_cmds import data_counts
+    from progressive import runs
+    from progressive.backends import get_backend
     from progressive.config import load_config
-    from progressive.data.generate import generate_dataset
+    from progressive.data.counts import plan_counts
+    from progressive.data.generate import generate
     from progressive.plan import build_plan
 
-    config = Path(args.config) if args.config else Path(__file__).resolve().parents[2] / "examples" / "tiny.toml"
-    cfg = load_config(config)
+    if args.config:  # the user's graph: its relative paths are taken from its folder, as everywhere
+        config = Path(args.config)
+        cfg = load_config(config)
+        config_text = config.read_text(encoding="utf-8")
+    else:  # the packaged graph: data/, jobs/ and checkpoints/ go under the current folder
+        from progressive.demo import builtin_graph, builtin_graph_path
+
+        config = builtin_graph_path()
+        cfg, config_text = builtin_graph(Path.cwd())
     con = console()
     data = (config.parent / cfg.run.data).resolve()
     buckets = sorted({st.bucket for st in cfg.stage})
-    if not data.is_file():
+    if not data.exists():
         con.print(f"making the tiny dataset {rel(data)} (buckets {', '.join(map(str, buckets))})")
         data.parent.mkdir(parents=True, exist_ok=True)
-        generate_dataset(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
-    plan = build_plan(cfg, config, run_name=args.run_name, counts=data_counts)
-    existing = Path(plan.run_dir) / "run.json"
-    if existing.is_file():
-        rec = orchestrate.find_run(Path(plan.run_dir).parent, plan.run_name)
+        if cfg.model.task == "progressive.tasks.seqlm:SequenceLMTask":
+            from progressive.data.seqgen import generate_sequences
+
+            generate_sequences(data, lengths=buckets, counts=[640 // 2 ** i for i in range(len(buckets))], seed=cfg.run.seed)
+        elif cfg.model.task == "progressive.tasks.precond:PreconditionerTask":
+            generate(data, sizes=buckets, counts=[max(24, 96 // (i + 1)) for i in range(len(buckets))], seed=cfg.run.seed)
+        else:
+            raise DataError(f"{rel(data)} does not exist, and demo makes data only for the built-in tasks",
+                            loc=str(config), hint="make your task's data first, then `progressive submit --local`")
+    plan = build_plan(cfg, config, run_name=args.run_name, counts=lambda p: plan_counts(
+        p, buckets=buckets, task=cfg.model.task, options=cfg.model.options, config=config))
+    if plan.layout.record.is_file():
+        rec = runs.find_run(Path(plan.run_dir).parent, plan.run_name, verb="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
         show_plan(plan)
-        rec = orchestrate.submit(plan, config.read_text(encoding="utf-8"), job_fn=_job_fn(), local=True)
+        rec = runs.submit(plan, config_text, get_backend("local"))
     return _run_local(rec)

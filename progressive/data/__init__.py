@@ -1,5 +1,6 @@
-"""Bucketed datasets of sparse SPD matrices: format, generation, reshaping, and the training loader.
+"""Bucketed datasets: sparse SPD matrices (HDF5: format, generation, reshaping, the training loader),
+dense per-sample arrays (`arrays`, `seqgen`), and the sample counts `plan` shows for any data (`counts`).
 
 Importing this package is cheap (no numpy, h5py or torch): `progressive plan` calls
-`progressive.data.format.bucket_counts` on a login node. Only `progressive.data.loader` imports torch.
+`progressive.data.counts.plan_counts` on a login node. Only `progressive.data.loader` imports torch.
 """

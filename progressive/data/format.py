@@ -223,7 +223,6 @@ class BucketReader:
                                 loc=str(self.path), hint="set the stage's bucket to one of those sizes, "
                                 "or generate the size with `progressive data generate --sizes ...`")
             g = _group(self._f, self.bucket, split)
-            self._g = g
             # Looking a dataset up by name costs ~0.1 ms, more than reading a small sample: do it once.
             self._ds = {k: g[k] for k in ("indptr", "indices", "data", "rhs", "hash")}
             self.n = int(g.attrs["n"])

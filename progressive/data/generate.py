@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from progressive.signals import INTERRUPT_SIGNALS, ignore_job_signals
 from progressive.data.format import DEFAULT_COMPRESSION, SPLITS, Sample, matrix_hash, sample_problem
 from progressive.data.ops import DatasetWriter, assign_splits, check_split
 from progressive.errors import DataError
@@ -180,9 +180,6 @@ def _make_chunk(task: tuple[str, int, int, int, int, int]) -> Chunk:
     return out
 
 
-_JOB_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def _worker_init() -> None:
     """Pool worker start-up: ignore job signals, and exit if the parent goes away.
 
@@ -194,8 +191,7 @@ def _worker_init() -> None:
     Python 3.11 possibly printing a stray thread traceback, CPython gh-107219.) Should the parent
     die without cleaning up, the forkserver (our parent) exits with it, and the watchdog notices.
     """
-    for sig in _JOB_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_job_signals(INTERRUPT_SIGNALS)
     parent = os.getppid()
 
     def watchdog() -> None:
@@ -292,7 +288,3 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["progressive.data.generate", "numpy", "scipy.sparse", "scipy.spatial"])
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-
-
-# `progressive demo` (cli/run_cmds.py) calls it by this name.
-generate_dataset = generate

@@ -13,12 +13,12 @@ The only data module that imports torch. Typical use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
-import signal
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,20 +26,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from progressive.data.format import SPLITS, BucketReader, Sample, block_sample, open_bucket
 from progressive.errors import CheckpointError, DataError
+from progressive.signals import JOB_SIGNALS, ignore_job_signals
 
-__all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag", "ignore_job_signals",
-           "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES", "JOB_SIGNALS"]
+__all__ = ["Sample", "BucketDataset", "ResumableSampler", "Batch", "collate_block_diag",
+           "worker_init_fn", "make_loader", "IN_MEMORY_MAX_BYTES"]
 
 # `in_memory=None` loads a bucket whole when it needs at most this much RAM: in the benchmark
 # (benchmarks/results/data.md) the in-memory dataset served an epoch ~7x faster than lazy reads,
 # and the largest default bucket needs ~0.04 GB.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
-
-# Slurm signals every process of a job step; the trainer in the main process handles these,
-# and a DataLoader worker killed by one would take the epoch down with it.
-JOB_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
-                    if hasattr(signal, name))
-
 
 class BucketDataset(Dataset[Sample]):
     """The samples of one bucket (matrix size n) and split of a dataset file.
@@ -260,26 +255,41 @@ def collate_block_diag(samples: Sequence[Sample]) -> Batch:
 
 # --------------------------------------------------------------------------- workers and the loader
 
-def ignore_job_signals(signals: Sequence[int] = JOB_SIGNALS) -> None:
-    """Ignore the job's signals (USR1, USR2, TERM, INT, HUP) in this process: for DataLoader workers,
-    which Slurm signals along with the trainer; the trainer reacts, and the workers end with it."""
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker_init_fn: ignore the job's signals (the handle opens lazily on first read)."""
+    """DataLoader worker_init_fn: ignore the job's signals (the handle opens lazily on first read).
+
+    Slurm signals every process of a job step; the trainer in the main process reacts, and a
+    worker killed by one would take the epoch down with it.
+    """
     ignore_job_signals()
 
 
-def make_loader(dataset: Dataset[Sample], sampler: Sampler[int], batch_size: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader[Sample]:
-    """A DataLoader yielding Batch: last batch partial (not dropped), workers ignore job signals.
+def _init_worker(signals: tuple[int, ...], then: Callable[[int], None] | None, worker_id: int) -> None:
+    # The pre-timeout signal and Ctrl-C go to the whole process group; workers must outlive them
+    # so the main process can finish its step and checkpoint, whatever `then` (a task's init) does.
+    ignore_job_signals(signals)
+    if then is not None:
+        then(worker_id)
+
+
+def make_loader(dataset: Dataset[Any], sampler: Sampler[int], batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False, *, collate_fn: Callable[[list[Any]], Any] = collate_block_diag,
+                worker_init: Callable[[int], None] | None = None, signals: Sequence[int] = JOB_SIGNALS,
+                generator: torch.Generator | None = None) -> DataLoader[Any]:
+    """A DataLoader yielding batches: last batch partial (not dropped), workers ignore job signals.
 
     num_workers=0 is the measured best on 2 cores; with workers, an in-memory dataset not yet loaded
-    is loaded by each worker (load() it first to share it through fork).
+    is loaded by each worker (load() it first to share it through fork). Workers persist across epochs.
+
+    Args:
+        collate_fn: samples -> batch (default: one block-diagonal `Batch`; the trainer passes its task's).
+        worker_init: run in each worker after it has ignored `signals` (e.g. a task's `worker_init_fn`).
+        signals: the signals workers ignore (default JOB_SIGNALS; add the job's own pre-timeout signal).
+        generator: the loader's own RNG for worker seeds; without one, every `iter(loader)` draws from
+            torch's global RNG, which a resumed job would then see at a different point.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_block_diag, pin_memory=pin_memory, drop_last=False,
-                      worker_init_fn=worker_init_fn if num_workers > 0 else None,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=False, generator=generator,
+                      worker_init_fn=functools.partial(_init_worker, tuple(signals), worker_init)
+                      if num_workers > 0 else None,
                       persistent_workers=num_workers > 0)

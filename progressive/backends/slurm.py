@@ -1,62 +1,39 @@
-"""Slurm: render, submit, query and cancel stage jobs. The only module that imports submitit.
+"""The Slurm backend: render, submit, query and cancel stage jobs. The only module that imports submitit.
 
-One function decides each stage's sbatch parameters (`sbatch_parameters`); the same
-submitit executor renders the script for `plan --dry-run` and submits it, so what
-the dry-run shows is what runs. States from sacct (or squeue/scontrol when accounting
-is off) are mapped to ours by one table, `STATE_MAP`. Commands are run as argument
-lists, never through a shell, so no user string reaches a shell.
+One function decides each stage's sbatch parameters (`sbatch_parameters`); `render`
+turns them into the script once, and `submit` hands sbatch exactly that text (our
+executor's submission-file hook returns it), with only the dependency line bound to
+real job ids. So what `plan --dry-run` shows is what Slurm receives (a test compares
+the two on the real cluster). States from sacct (or squeue/scontrol when accounting is
+off) map to ours through `progressive.states`. Commands run as argument lists, never
+through a shell, so no user string reaches a shell.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
+import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from progressive.errors import SlurmError
+from progressive.backends.base import Backend, JobInfo
+from progressive.errors import RunError, SlurmError
 from progressive.plan import Plan, StagePlan
-from progressive.record import SUBMITIT_DIR
+from progressive.states import StageState, from_slurm
+from progressive.units import hms
 
 if TYPE_CHECKING:
     import submitit
 
+    from progressive.record import RunRecord
+
 # submitit is imported where it is used: `status` only needs sacct/squeue and must start fast.
 
-# Our state for each Slurm state (sacct/squeue spell them the same way; sacct adds
-# "CANCELLED by <uid>"). Anything unknown maps to "unknown" and is shown verbatim.
-STATE_MAP: dict[str, str] = {
-    "PENDING": "pending",
-    "CONFIGURING": "pending",
-    "REQUEUED": "pending",
-    "REQUEUE_HOLD": "pending",
-    "REQUEUE_FED": "pending",
-    "RESV_DEL_HOLD": "pending",
-    "SPECIAL_EXIT": "failed",
-    "RUNNING": "running",
-    "COMPLETING": "running",
-    "SIGNALING": "running",
-    "STAGE_OUT": "running",
-    "RESIZING": "running",
-    "SUSPENDED": "suspended",
-    "STOPPED": "suspended",
-    "PREEMPTED": "pending",  # we run with --requeue: a preempted job comes back
-    "COMPLETED": "completed",
-    "FAILED": "failed",
-    "BOOT_FAIL": "failed",
-    "DEADLINE": "failed",
-    "OUT_OF_MEMORY": "failed",
-    "NODE_FAIL": "failed",
-    "TIMEOUT": "timeout",
-    "CANCELLED": "cancelled",
-    "REVOKED": "cancelled",
-}
+DEPENDENCY_RE = re.compile(r"^#SBATCH --dependency=.*\n", re.MULTILINE)
 
 
 def slurm_available() -> bool:
@@ -64,19 +41,57 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("srun") is not None
 
 
+class SlurmBackend(Backend):
+    """Stage jobs as sbatch scripts rendered by submitit, chained by afterok, queried with sacct."""
+
+    name = "slurm"
+
+    def ensure_available(self) -> None:
+        if not slurm_available():
+            raise RunError("Slurm is not available on this machine (no sbatch/srun on PATH)", loc="submit",
+                           hint="run the graph here with `progressive submit --local`")
+
+    def render(self, plan: Plan, stage: StagePlan) -> str:
+        return render_script(plan, stage)
+
+    def submit(self, plan: Plan, stage: StagePlan, script: str, dependency: str | None) -> str:
+        return submit_script(plan, stage, with_dependency(script, dependency))
+
+    def query(self, rec: "RunRecord") -> Mapping[str, JobInfo]:
+        ids = {name: s.job_id for name, s in rec.stages.items() if s.job_id}
+        if not ids or not slurm_available():
+            return {}
+        infos = query(list(ids.values()))
+        return {name: infos[j] for name, j in ids.items() if j in infos}
+
+    def cancel(self, rec: "RunRecord", stages: Sequence[str]) -> list[str]:
+        ids = [j for j in (rec.stage_record(n).job_id for n in stages) if j]
+        cancel(ids)
+        return ids
+
+
 @lru_cache(maxsize=None)
 def _executor_class() -> type["submitit.SlurmExecutor"]:
     import submitit
 
     class _Executor(submitit.SlurmExecutor):
-        """submitit's Slurm executor, constructible where srun is absent (to render dry-runs).
+        """submitit's Slurm executor with two of its plugin hooks set.
 
-        Submitting still needs Slurm; `submit_stage` checks that first.
+        `affinity`: constructible where srun is absent (to render dry-runs). Submitting
+        still needs Slurm; `submit_script` checks that first.
+        `_make_submission_file_text`: the script submitted is the one we rendered, not a new rendering.
         """
+
+        script: str | None = None
 
         @classmethod
         def affinity(cls) -> int:
             return 2
+
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            if self.script is None:  # only `render_script` builds the text
+                return super()._make_submission_file_text(command, uid)
+            return self.script
 
     return _Executor
 
@@ -102,6 +117,11 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
         params["mem"] = f"{s.mem}M"
     if dependency:
         params["dependency"] = dependency
+    if s.nodes * s.tasks_per_node > 1:
+        # One rank dying must end the others at once, not leave them blocked in a collective
+        # until the process-group timeout (srun's default lets the other tasks run on; gloo
+        # notices a peer that exited, NCCL may not).
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     setup = [f"export SUBMITIT_PREEMPT_SIGNAL={s.signal}"]
     if s.gpus_per_node:
         # Fewer OOMs from fragmentation when bucket sizes change between stages.
@@ -115,9 +135,9 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
     return params
 
 
-def executor(plan: Plan, stage: StagePlan, dependency: str | None) -> "submitit.SlurmExecutor":
+def executor(plan: Plan, stage: StagePlan, dependency: str | None = None) -> "submitit.SlurmExecutor":
     """The submitit executor configured for `stage` (shared by render and submit)."""
-    ex = _executor_class()(folder=Path(plan.run_dir) / SUBMITIT_DIR / "%j", max_num_timeout=stage.slurm.max_requeues)
+    ex = _executor_class()(folder=plan.layout.submitit_folder, max_num_timeout=stage.slurm.max_requeues)
     ex.update_parameters(**sbatch_parameters(plan, stage, dependency))
     return ex
 
@@ -127,24 +147,39 @@ def symbolic_dependency(stage: StagePlan) -> str | None:
     return "afterok:" + ":".join(f"<{p}>" for p in stage.depends_on) if stage.depends_on else None
 
 
-def render_script(plan: Plan, stage: StagePlan, dependency: str | None = None) -> str:
-    """The exact sbatch script submit sends for `stage`, dependency symbolic unless given."""
-    ex = executor(plan, stage, dependency if dependency is not None else symbolic_dependency(stage))
-    return ex._make_submission_file_text(ex._submitit_command_str, uid="dry-run")
+def render_script(plan: Plan, stage: StagePlan) -> str:
+    """The exact sbatch script of `stage`, its dependency shown as afterok:<parent> (what submit binds)."""
+    ex = executor(plan, stage, symbolic_dependency(stage))
+    return ex._make_submission_file_text(ex._submitit_command_str, uid="render")
 
 
-def submit_stage(plan: Plan, stage: StagePlan, dependency: str | None, fn: Callable[..., Any], *args: Any) -> str:
-    """Submit one stage job running `fn(*args)`; return its job id or raise SlurmError."""
+def with_dependency(script: str, dependency: str | None) -> str:
+    """`script` with its dependency line set to `dependency` (removed for None); nothing else changes."""
+    line = f"#SBATCH --dependency={shlex.quote(dependency)}\n" if dependency else ""  # as submitit writes it
+    if DEPENDENCY_RE.search(script):
+        return DEPENDENCY_RE.sub(lambda _: line, script, count=1)
+    if not line:
+        return script
+    # No parents at render time, one now (a resume chaining behind a live job): first #SBATCH line.
+    head, sep, rest = script.partition("#SBATCH ")
+    return head + line + sep + rest
+
+
+def submit_script(plan: Plan, stage: StagePlan, script: str) -> str:
+    """Submit `script` (rendered by `render_script`) as `stage`'s job; return its job id or raise SlurmError."""
     if not slurm_available():
         raise SlurmError("Slurm is not available on this machine (no sbatch/srun on PATH)",
                          hint="run the graph here with `progressive submit --local`")
     from submitit.core import utils as submitit_utils
 
-    ex = executor(plan, stage, dependency)
+    from progressive.job import run_stage_job
+
+    ex = executor(plan, stage)
+    ex.script = script  # type: ignore[attr-defined]
     # submitit prints sbatch's stderr itself; we report it once, in our own words.
     with contextlib.redirect_stderr(io.StringIO()):
         try:
-            job = ex.submit(fn, *args)
+            job = ex.submit(run_stage_job, plan.run_dir, stage.name)
         except submitit_utils.FailedJobError as exc:
             cause = exc.__cause__
             cmd = list(getattr(cause, "cmd", ["sbatch"]))
@@ -179,34 +214,13 @@ def requeue(job_id: str) -> None:
     run(["scontrol", "requeue", job_id], timeout=60)
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """What Slurm says about one job."""
-
-    job_id: str
-    slurm_state: str  # Slurm's word, e.g. "TIMEOUT"
-    state: str  # ours, via STATE_MAP; "blocked" for DependencyNeverSatisfied
-    reason: str
-    elapsed: str
-    source: str  # "sacct" or "squeue" or "scontrol"
-
-
-def map_state(slurm_state: str, reason: str = "") -> str:
-    """Our state for a Slurm state and pending reason."""
-    word = slurm_state.split()[0].rstrip("+") if slurm_state else ""
-    state = STATE_MAP.get(word, "unknown")
-    if state == "pending" and "DependencyNeverSatisfied" in reason:
-        return "blocked"
-    return state
-
-
 def query(job_ids: Sequence[str]) -> dict[str, JobInfo]:
     """States of these jobs: sacct first, squeue/scontrol where accounting is off or lagging."""
     ids = [j for j in job_ids if j]
     if not ids:
         return {}
     infos = _from_sacct(ids)
-    missing = [j for j in ids if j not in infos or infos[j].state in {"pending", "unknown"}]
+    missing = [j for j in ids if j not in infos or infos[j].state in (StageState.PENDING, StageState.UNKNOWN)]
     if missing:
         infos.update(_from_squeue(missing))
     still = [j for j in ids if j not in infos]
@@ -272,19 +286,8 @@ def _from_scontrol(job_id: str) -> JobInfo | None:
 def _info(job_id: str, st: str, reason: str, elapsed: str, source: str) -> JobInfo:
     """One JobInfo from any source: Slurm's "None" reason dropped, elapsed as [D-]H:MM:SS."""
     reason = "" if reason in ("None", "(null)") else reason
-    return JobInfo(job_id, st, map_state(st, reason), reason, _hms(elapsed), source)
-
-
-def _hms(elapsed: str) -> str:
-    """sacct says 00:01:05, squeue 1:05: show both as 0:01:05."""
-    days, _, clock = elapsed.rpartition("-")
-    parts = [int(p) for p in clock.split(":") if p.isdigit()]
-    if not parts:
-        return elapsed
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, sec = parts[-3:]
-    return f"{days + '-' if days else ''}{h}:{m:02d}:{sec:02d}"
+    return JobInfo(job_id=job_id, state=from_slurm(st, reason), native_state=st, reason=reason, elapsed=hms(elapsed),
+                   source=source)
 
 
 def job_env() -> Mapping[str, Any]:

@@ -1,0 +1,74 @@
+"""`progressive report [RUN]`: figures, tables and the time account of a run, in jobs/<run>/report/."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from progressive.cli.plan_cmds import rel
+from progressive.cli.render import console, err_console
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the report command."""
+    p = sub.add_parser("report", help="write jobs/<run>/report/index.md: loss, evaluation, transfer matrix, where the time went",
+                       description="Build a report of a run (local or Slurm, finished or not) from its own records: "
+                       "loss and learning-rate figures with every restart marked, the per-stage evaluation, the "
+                       "transfer matrix (each stage's final weights on every bucket) and the time account. "
+                       "Re-running refreshes it; the run itself is never changed.")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the most recent run under the jobs folder)")
+    p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="skip the transfer matrix (it evaluates every stage's weights on every bucket)")
+    p.add_argument("--transfer-samples", type=_positive_int, default=None, metavar="N",
+                   help="validation matrices per bucket for the transfer matrix (default: the run's largest eval_samples)")
+    p.set_defaults(handler=cmd_report)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Handler of `progressive report`."""
+    from progressive import runs
+    from progressive.report.build import build_report
+
+    rec = runs.find_run(Path(args.jobs), args.run, verb="report")
+    con = err_console()
+    progress: Any = None
+    task: Any = None
+
+    def on_progress(done: int, total: int, what: str) -> None:
+        # Progress goes to stderr: stdout keeps only the report's location.
+        nonlocal progress, task
+        if progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            progress = Progress(TextColumn("transfer matrix"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[what]}"), TimeElapsedColumn(), console=con, transient=True)
+            progress.start()
+            task = progress.add_task("transfer", total=total, what=what)
+        progress.update(task, completed=done, what=what)
+
+    try:
+        rep = build_report(rec, transfer=not args.no_transfer, transfer_samples=args.transfer_samples,
+                           on_progress=on_progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    ratio = rep.accounting.total.ratio
+    out = console()
+    if rep.transfer is not None:
+        out.print(f"transfer matrix: {rep.transfer.evaluated} cell(s) evaluated, "
+                  f"{len(rep.transfer.cells) - rep.transfer.evaluated} from the cache")
+    out.print(f"effective training time ratio: {ratio:.3f}" if ratio is not None else "effective training time ratio: -")
+    out.print(f"report: {rel(rep.index)}")
+    return 0
