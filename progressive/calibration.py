@@ -29,7 +29,8 @@ from progressive.errors import ProgressiveError
 from progressive.plan import Plan, StagePlan
 
 __all__ = ["CalibrationError", "CALIBRATION_FILE", "FORMAT", "calibration_path", "stage_key", "key_diff",
-           "load_calibration", "store_entries", "StageEstimate", "estimate", "estimates", "checkpoint_saves"]
+           "load_calibration", "store_entries", "StageEstimate", "estimate", "estimates", "checkpoint_saves",
+           "refuse_flagged"]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = 1
@@ -245,3 +246,18 @@ def estimates(plan: Plan, path: str | Path | None = None) -> tuple[dict[str, Sta
     except CalibrationError as exc:
         entries, problem = {}, str(exc)
     return {st.name: estimate(plan, st, entries.get(st.name)) for st in plan.stages}, problem
+
+
+def refuse_flagged(plan: Plan) -> None:
+    """Raise when the calibration flags a stage (cannot finish within its requeues, does not fit).
+
+    `submit` calls it (unless --force): a stage that would time out for good two days from
+    now is better refused now. No calibration, or a stale one, refuses nothing.
+    """
+    ests, _ = estimates(plan)
+    flagged = [f"{name}: {'; '.join(e.flags)}" for name, e in ests.items() if e.flags]
+    if flagged:
+        raise CalibrationError("the calibration says these stages cannot run as planned: " + " | ".join(flagged),
+                               loc=str(calibration_path(plan)),
+                               hint="raise time, max_requeues or mem (see `progressive plan`), "
+                                    "or submit anyway with --force")
