@@ -201,7 +201,7 @@ def _gpu_reset(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def _gpu_memory(dev: torch.device) -> dict[str, float] | None:
+def _gpu_memory(dev: torch.device) -> dict[str, Any] | None:
     """Allocator peaks and the device's used memory (nvidia-smi's view: every context on it)."""
     if dev.type != "cuda":
         return None

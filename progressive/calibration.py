@@ -97,7 +97,7 @@ def key_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]
 
 # --------------------------------------------------------------------------- the file
 
-_REQUIRED = {"key": dict, "step_s": dict, "peak_rss_mb": (int, float), "startup_s": (int, float),
+_REQUIRED: dict[str, type | tuple[type, ...]] = {"key": dict, "step_s": dict, "peak_rss_mb": (int, float), "startup_s": (int, float),
              "eval_s": (int, float), "checkpoint_s": (int, float), "samples_per_s": (int, float)}
 
 
