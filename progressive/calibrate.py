@@ -2,8 +2,10 @@
 
 `measure_stage(plan, stage)` builds the stage's task, data, model and optimizer the way
 the trainer does, then:
-- times `steps` optimizer steps (after `warmup` untimed ones) on batches drawn at random
-  from the bucket, as an epoch draws them: the step time an estimate multiplies;
+- times `steps` optimizer steps, and at least `min_seconds` of them (after `warmup` untimed
+  ones), on batches drawn at random from the bucket, as an epoch draws them. Their *mean* is
+  what an estimate multiplies: the slow steps (a busy machine's time slices, allocator
+  growth) are real costs an epoch pays; median and p10/p90 show the spread;
 - runs steps on the bucket's *largest* samples (most non-zeros): the worst batch an epoch
   meets, for peak memory (and the worst step time);
 - times one evaluation (`task.evaluate` on `eval_samples` validation samples) and one
@@ -52,6 +54,7 @@ from progressive.trainer import resolve_precision
 __all__ = ["measure_stage", "calibration_job", "process_age_s", "spread", "fit_batch_size", "main"]
 
 MAX_BATCH = 4096  # the search never proposes more than this many samples per micro-batch
+MAX_TIMED_STEPS = 1000  # with min_seconds: enough for a stable mean of millisecond steps
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -276,8 +279,8 @@ def find_batch_size(bench: _Bench, budget_mb: float, cap: int) -> dict[str, Any]
 # --------------------------------------------------------------------------- the measurement
 
 
-def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int = 3, find_batch: bool = False,
-                  margin: float = 0.1, device: str | None = None, dist: DistInfo | None = None) -> dict[str, Any]:
+def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int = 3, min_seconds: float = 3.0,
+                  find_batch: bool = False, margin: float = 0.1, device: str | None = None, dist: DistInfo | None = None) -> dict[str, Any]:
     """Measure `stage` here and return its calibration entry (see `progressive.calibration`).
 
     Raises:
@@ -295,10 +298,14 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
     batch = stage.batch_size
 
     warm = [bench.step(bench.random_batches(batch)) for _ in range(warmup)]
-    timed = [bench.step(bench.random_batches(batch)) for _ in range(steps)]
+    # At least `steps` steps and `min_seconds` of them: short steps on a busy machine must see the
+    # time slices other processes take, not only the quiet moments between them.
+    timed: list[float] = []
+    while len(timed) < steps or (sum(timed) < min_seconds and len(timed) < MAX_TIMED_STEPS):
+        timed.append(bench.step(bench.random_batches(batch)))
     step = spread(timed)
     # Warm-up's excess over a steady step (allocator growth, first-call kernels) is paid once per job.
-    warm_excess = max(0.0, sum(warm) - warmup * step["median"])
+    warm_excess = max(0.0, sum(warm) - warmup * step["mean"])
 
     _gpu_reset(dev)
     worst = [bench.step(bench.largest_batches(batch)) for _ in range(max(2, min(steps, 3)))]
@@ -354,7 +361,7 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
         "precision": bench.precision,
         "warmup": warmup,
         "step_s": step,
-        "samples_per_s": micro / step["median"],
+        "samples_per_s": micro / step["mean"],
         "worst_step_s": spread(worst),
         "largest_nnz": bench.largest_nnz,
         "mean_nnz": bench.mean_nnz,

@@ -198,7 +198,8 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
     usable_s = stage.time_limit_min * 60.0 - stage.slurm.signal_delay
     if entry is not None and stage.total_steps:
         est.source = "calibration"
-        est.step_s = float(entry["step_s"]["median"])
+        # The mean, not the median: the rare slow step is a cost every epoch pays.
+        est.step_s = float(entry["step_s"].get("mean", entry["step_s"]["median"]))
         est.startup_s = float(entry["startup_s"])
         train_s = stage.total_steps * est.step_s
         eval_s = float(entry["eval_s"]) if stage.train.eval_samples > 0 else 0.0

@@ -164,7 +164,7 @@ def test_calibrate_local_then_plan_shows_estimates(tmp_path: Path, tiny_dataset:
     before = run_cli("plan", "-c", str(cfg), cwd=tmp_path, env=ENV, check=True).stdout
     assert "no calibration in" in before and "progressive calibrate" in before
 
-    proc = run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "4", "--warmup", "1", cwd=tmp_path, env=ENV)
+    proc = run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "4", "--warmup", "1", "--min-seconds", "0", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "written jobs/cal/calibration.json" in proc.stdout
     doc = json.loads((tmp_path / "jobs" / "cal" / "calibration.json").read_text())
@@ -182,7 +182,7 @@ def test_calibrate_local_then_plan_shows_estimates(tmp_path: Path, tiny_dataset:
         s = stages[name]
         assert s["estimate_source"] == "calibration" and s["calibration"] == "fresh"
         assert s["segments"] == 1 and s["max_segments"] == 2 and s["flags"] == []
-        assert s["estimate_min"] > s["total_steps"] * doc["stages"][name]["step_s"]["median"] / 60
+        assert s["estimate_min"] > s["total_steps"] * doc["stages"][name]["step_s"]["mean"] / 60
         assert s["peak_mem_mb"] == doc["stages"][name]["peak_rss_mb"] and s["mem_request_mb"] == 2048
     table = run_cli("plan", "-c", str(cfg), cwd=tmp_path, env=ENV, check=True).stdout
     assert "segments" in table and "peak mem" in table and "1/2" in table and "/2G" in table
@@ -205,7 +205,7 @@ def test_calibrate_local_then_plan_shows_estimates(tmp_path: Path, tiny_dataset:
 def test_a_stage_that_cannot_finish_is_flagged_and_submit_refuses(tmp_path: Path, tiny_dataset: Path) -> None:
     # 1-minute jobs, 30 s signal delay, no requeue; 0.5 s per step x 12 steps x 10 epochs needs several segments.
     cfg = write_graph(tmp_path, tiny_dataset, sleep=0.5, epochs=10, slurm={"max_requeues": "0"}, stage_extra='time = "1m"\n')
-    run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "2", "--warmup", "1", "--stages", "a", cwd=tmp_path,
+    run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "2", "--warmup", "1", "--min-seconds", "0", "--stages", "a", cwd=tmp_path,
             env=ENV, check=True)
     out = run_cli("plan", "-c", str(cfg), cwd=tmp_path, env=ENV)
     assert out.returncode == 0  # plan informs; submit refuses
@@ -220,7 +220,7 @@ def test_a_stage_that_cannot_finish_is_flagged_and_submit_refuses(tmp_path: Path
 
 def test_memory_flag_refuses_submit_and_force_runs_it(tmp_path: Path, tiny_dataset: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, slurm={"mem": '"64M"'})
-    run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "2", "--warmup", "1", cwd=tmp_path, env=ENV, check=True)
+    run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "2", "--warmup", "1", "--min-seconds", "0", cwd=tmp_path, env=ENV, check=True)
     out = run_cli("plan", "-c", str(cfg), cwd=tmp_path, env=ENV, check=True).stdout
     assert "exceeds mem = 64 MB" in out
     refused = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)
@@ -233,7 +233,7 @@ def test_memory_flag_refuses_submit_and_force_runs_it(tmp_path: Path, tiny_datas
 def test_find_batch_size_on_cpu(tmp_path: Path, tiny_dataset: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, slurm={"mem": '"4G"'})
     proc = run_cli("calibrate", "--local", "--find-batch-size", "-c", str(cfg), "--stages", "a", "--steps", "2",
-                   "--warmup", "1", "--json", cwd=tmp_path, env=ENV)
+                   "--warmup", "1", "--min-seconds", "0", "--json", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     search = json.loads(proc.stdout)["stages"]["a"]["batch_search"]
     train = plan_json(cfg)["a"]["samples"]["train"]
@@ -244,7 +244,7 @@ def test_find_batch_size_on_cpu(tmp_path: Path, tiny_dataset: Path) -> None:
     # a budget below what the process needs at batch 1: no batch fits, and plan says the RSS exceeds mem
     small = write_graph(tmp_path, tiny_dataset, run="small", slurm={"mem": '"100M"'})
     proc = run_cli("calibrate", "--local", "--find-batch-size", "-c", str(small), "--stages", "a", "--steps", "2",
-                   "--warmup", "1", cwd=tmp_path, env=ENV)
+                   "--warmup", "1", "--min-seconds", "0", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "none (<= 90M)" in proc.stdout
     assert json.loads((tmp_path / "jobs" / "small" / "calibration.json").read_text())["stages"]["a"]["suggested_batch_size"] is None
@@ -253,11 +253,12 @@ def test_find_batch_size_on_cpu(tmp_path: Path, tiny_dataset: Path) -> None:
 def test_bad_input_messages(tmp_path: Path, tiny_dataset: Path) -> None:
     cfg = write_graph(tmp_path, tiny_dataset, slurm={"mem": None})
     proc = run_cli("calibrate", "--local", "--find-batch-size", "-c", str(cfg), "--stages", "a", "--steps", "1",
-                   "--warmup", "1", cwd=tmp_path, env=ENV)
+                   "--warmup", "1", "--min-seconds", "0", cwd=tmp_path, env=ENV)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--find-batch-size on CPU needs the stage's memory request" in proc.stderr and "set mem" in proc.stderr
 
     for bad, what in ((["--margin", "1.5"], "between 0 and 1"), (["--steps", "0"], "positive whole number"),
+                      (["--min-seconds", "-1"], "non-negative number of seconds"),
                       (["--time-limit", "soon"], "cannot parse")):
         proc = run_cli("calibrate", "--local", "-c", str(cfg), *bad, cwd=tmp_path, env=ENV)
         assert proc.returncode == 2 and what in proc.stderr, (bad, proc.stderr)

@@ -23,7 +23,7 @@ def test_one_calibration_job_per_stage_writes_the_file(slurm_cluster: None, tiny
                    '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 2\ninit_from = "none"\n'
                    # fake GPUs: Slurm schedules it, the measurement runs on CPU, and plan must notice
                    '[[stage]]\nname = "b"\nbucket = 32\nbatch_size = 2\nepochs = 1\ngpus_per_node = 1\n')
-    proc = run_cli("calibrate", "-c", str(cfg), "--steps", "3", "--warmup", "1", "--time-limit", "3m",
+    proc = run_cli("calibrate", "-c", str(cfg), "--steps", "3", "--warmup", "1", "--min-seconds", "0", "--time-limit", "3m",
                    cwd=tmp_path, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "calibration job" in proc.stdout and "completed" in proc.stdout

@@ -30,6 +30,16 @@ def _margin(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
 def _minutes(text: str) -> int:
     from progressive.config import parse_duration_min
 
@@ -54,6 +64,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="also search the largest micro-batch that fits the memory (GPU memory, or mem on CPU)")
     p.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="timed optimizer steps (default 10)")
     p.add_argument("--warmup", type=_positive_int, default=3, metavar="N", help="untimed warm-up steps (default 3)")
+    p.add_argument("--min-seconds", type=_seconds, default=3.0, metavar="S",
+                   help="time steps for at least this long (default 3; short steps need many to average)")
     p.add_argument("--margin", type=_margin, default=0.1, metavar="SHARE",
                    help="memory kept free by --find-batch-size (default 0.1 = 10%%)")
     p.add_argument("--time-limit", type=_minutes, default=15, metavar="TIME",
@@ -71,7 +83,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if plan.data_error:
         raise CalibrationError(plan.data_error, loc=rel(plan.config_path),
                                hint="generate the data first (`progressive data generate`)")
-    options = {"steps": args.steps, "warmup": args.warmup, "find_batch": args.find_batch_size, "margin": args.margin}
+    options = {"steps": args.steps, "warmup": args.warmup, "min_seconds": args.min_seconds, "find_batch": args.find_batch_size, "margin": args.margin}
     con = console()
     quiet = args.json
     seen: dict[str, str] = {}
@@ -87,7 +99,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             seen[stage] = info["state"]
             con.print(f"[bold]{stage}[/]: job {info['job_id']} {info['state']}")
         elif what == "done" and info:
-            con.print(f"[bold]{stage}[/]: {info['step_s']['median']:.3g} s/step, peak {info['peak_rss_mb']:.0f} MB RSS")
+            con.print(f"[bold]{stage}[/]: {info['step_s']['mean']:.3g} s/step, peak {info['peak_rss_mb']:.0f} MB RSS")
 
     if not quiet:
         where = "here" if args.local else "on Slurm, one job per stage"
@@ -114,7 +126,7 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
     from rich.table import Table
 
     t = Table(header_style="bold")
-    for col in ("stage", "device", "s/step (p10-p90)", "worst s/step", "samples/s", "peak RSS", "GPU used",
+    for col in ("stage", "device", "s/step mean", "median (p10-p90)", "worst s/step", "samples/s", "peak RSS", "GPU used",
                 "eval", "checkpoint", "start-up", "batch fits"):
         t.add_column(col, justify="left" if col in ("stage", "device") else "right")
     for name, e in entries.items():
@@ -124,7 +136,7 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
         fits = "-" if not search else (str(search.get("batch_size") or "none")
                                        + f" (<= {_mb(search.get('budget_mb'))})")
         t.add_row(name, str(e.get("device_name", e.get("device"))),
-                  f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",
+                  f"{s['mean']:.3g}", f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",
                   f"{e['samples_per_s']:.1f}", _mb(e["peak_rss_mb"]), _mb(gpu.get("device_used_mb")),
                   f"{e['eval_s']:.2f}s", f"{e['checkpoint_s']:.2f}s", f"{e['startup_s']:.1f}s", fits)
     console().print(t)
