@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +152,17 @@ class _Bench:
             self.by_size = list(range(self.n_train))
             self.largest_nnz, self.mean_nnz = None, None  # type: ignore[assignment]
         self.rng = np.random.default_rng(plan.seed)
+        self.metrics: IO[str] | None = None
+        if dist.is_main:
+            run_dir = Path(plan.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics = tempfile.TemporaryFile("w", dir=run_dir)  # deleted on close, nameless on Linux
+
+    def close(self) -> None:
+        """Drop the scratch metrics file."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def random_batches(self, batch: int) -> list[list[int]]:
         """One step's micro-batches of random samples (as a shuffled epoch would give them)."""
@@ -164,7 +175,11 @@ class _Bench:
         return [list(top) for _ in range(self.stage.train.grad_accum)]
 
     def step(self, micro: list[list[int]]) -> float:
-        """One optimizer step over these micro-batches, as the trainer does it; its seconds (data included)."""
+        """One optimizer step over these micro-batches, as the trainer does it; its seconds.
+
+        Included, as in the trainer's wall time: reading the data, and the per-step metrics line
+        (peak memory read, one JSON line written and flushed to the run's folder).
+        """
         tc, dev = self.stage.train, self.dev
         t0 = time.perf_counter()
         total = sum(len(m) for m in micro)
@@ -184,7 +199,11 @@ class _Bench:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        float(loss_sum)  # the trainer reads the loss every step: the same device sync
+        loss_v = float(loss_sum)  # the trainer reads the loss every step: the same device sync
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"event": "step", "loss": loss_v, "peak_mem_mb": peak_memory_mb(dev),
+                                           "time": time.time()}) + "\n")
+            self.metrics.flush()
         return time.perf_counter() - t0
 
     def state(self) -> dict[str, Any]:
@@ -325,7 +344,10 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
 
     ckpt_s, ckpt_mb = 0.0, 0.0
     if dist.is_main:
-        with tempfile.TemporaryDirectory(prefix="progressive-calibrate-") as tmp:
+        # On the checkpoints' own filesystem: an fsync on a network or overlay disk costs what /tmp's does not.
+        ckpt_root = Path(stage.checkpoint_dir).parent
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".calibrate-", dir=ckpt_root) as tmp:
             times = []
             for i in range(2):
                 t0 = time.perf_counter()
@@ -346,6 +368,7 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
                                    hint="set mem (e.g. mem = \"8G\") in [slurm] or the stage")
         search = find_batch_size(bench, budget, cap=min(MAX_BATCH, math.ceil(bench.n_train / dist.world_size)))
 
+    bench.close()
     peaks = gather_to_rank0([peak_rss, peak_train_rss], dist)
     if peaks is not None:  # the busiest rank sets the node's need
         peak_rss, peak_train_rss = max(p[0] for p in peaks), max(p[1] for p in peaks)

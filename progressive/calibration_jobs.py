@@ -29,6 +29,17 @@ CALIBRATION_JOBS_DIR = "calibration"  # under jobs/<run>/: submitit's files of t
 Event = Callable[[str, str, Optional[Mapping[str, Any]]], None]  # (stage, what, entry-or-info)
 
 
+def check_options(stages: list[StagePlan], options: Mapping[str, Any]) -> None:
+    """Refuse what the measurement cannot do, before anything runs or is submitted."""
+    wide = [st.name for st in stages if st.world_size > 1]
+    if options.get("find_batch") and wide:
+        # The search's decisions are per process; ranks deciding apart would deadlock their all-reduces.
+        raise CalibrationError(f"--find-batch-size measures one process, but stage(s) {', '.join(wide)} run several",
+                               loc="--find-batch-size",
+                               hint="calibrate those stages without it (--stages), or search with tasks_per_node = 1 "
+                                    "and nodes = 1: the micro-batch per process is what it finds")
+
+
 def _entry_or_raise(stage: StagePlan, entry: Any) -> dict[str, Any]:
     if isinstance(entry, dict) and isinstance(entry.get("error"), dict):
         err = entry["error"]
@@ -41,6 +52,7 @@ def _entry_or_raise(stage: StagePlan, entry: Any) -> dict[str, Any]:
 def calibrate_local(plan: Plan, stages: list[StagePlan], options: Mapping[str, Any], *,
                     on_event: Event | None = None, timeout_s: float = 3600) -> dict[str, dict[str, Any]]:
     """Measure each stage in its own Python process on this machine, one after another."""
+    check_options(stages, options)
     wide = [st.name for st in stages if st.world_size > 1]
     if wide:
         raise CalibrationError(f"stage(s) {', '.join(wide)} run several processes", loc="--local",
@@ -87,6 +99,7 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
     from progressive import slurm
     from progressive.calibrate import calibration_job  # pickled by reference: the job imports it
 
+    check_options(stages, options)
     if not slurm.slurm_available():
         raise CalibrationError("Slurm is not available on this machine (no sbatch/srun on PATH)", loc="calibrate",
                                hint="measure here with `progressive calibrate --local`")

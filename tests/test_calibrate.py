@@ -263,6 +263,12 @@ def test_bad_input_messages(tmp_path: Path, tiny_dataset: Path) -> None:
         proc = run_cli("calibrate", "--local", "-c", str(cfg), *bad, cwd=tmp_path, env=ENV)
         assert proc.returncode == 2 and what in proc.stderr, (bad, proc.stderr)
 
+    wide = write_graph(tmp_path, tiny_dataset, run="wide", slurm={"tasks_per_node": "2"})
+    proc = run_cli("calibrate", "--local", "--find-batch-size", "-c", str(wide), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 2 and "--find-batch-size measures one process" in proc.stderr
+    proc = run_cli("calibrate", "--local", "-c", str(wide), cwd=tmp_path, env=ENV)
+    assert proc.returncode == 2 and "calibrate them on Slurm (without --local)" in proc.stderr
+
     missing = write_graph(tmp_path, tmp_path / "nope.h5", run="nodata")
     proc = run_cli("calibrate", "--local", "-c", str(missing), cwd=tmp_path, env=ENV)
     assert proc.returncode == 2 and "nope.h5" in proc.stderr and "progressive data generate" in proc.stderr

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_support import slurm_cluster  # noqa: F401
+from progressive.slurm import query
+from tests.slurm_support import slurm_cluster, wait_for  # noqa: F401
 from tests.util import REPO, run_cli
 
 pytestmark = pytest.mark.slurm
@@ -43,3 +49,32 @@ def test_one_calibration_job_per_stage_writes_the_file(slurm_cluster: None, tiny
     assert by_name["a"]["estimate_source"] == "calibration" and by_name["a"]["segments"] == 1
     assert by_name["b"]["calibration"] == "stale"
     assert 'device "cpu" -> "cuda"' in by_name["b"]["notes"][0]
+
+
+def test_ctrl_c_cancels_the_calibration_jobs(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(f'[run]\nname = "slowcal"\ndata = "{tiny_dataset}"\n'
+                   '[slurm]\ncpus_per_task = 1\nmem = "1G"\ntime = "5m"\n'
+                   '[model]\ntask = "tests.tasks:SlowTask"\n[model.options]\nhidden = 8\nlayers = 1\nstep_sleep = 20\n'
+                   '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\ninit_from = "none"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "progressive", "calibrate", "-c", str(cfg), "--time-limit", "4m"],
+                            cwd=tmp_path, env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = None
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the job is in Slurm's hands once calibrate says it runs
+        m = re.search(r"job (\d+) running", line)
+        if m:
+            job_id = m.group(1)
+            break
+    assert job_id, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, out + err
+
+    def cancelled() -> bool:
+        info = query([job_id]).get(job_id)
+        return info is not None and info.state == "cancelled"
+
+    wait_for(cancelled, 60, f"Slurm to record job {job_id} cancelled")
+    assert not (tmp_path / "jobs" / "slowcal" / "calibration.json").exists()

@@ -157,7 +157,9 @@ def _fmt_peak(est: "StageEstimate") -> str:
     text = _fmt_mb(int(round(est.peak_mem_mb))) + (f"/{_fmt_mb(est.mem_request_mb)}" if est.mem_request_mb else "")
     if est.mem_request_mb and est.peak_mem_mb > est.mem_request_mb:
         return f"[bold red]{text}[/]"
-    return f"[yellow]{text}[/]" if est.notes and est.mem_request_mb and "memory" in " ".join(est.notes) else text
+    from progressive.calibration import HOST_MEM_WARN
+
+    return f"[yellow]{text}[/]" if est.mem_request_mb and est.peak_mem_mb > HOST_MEM_WARN * est.mem_request_mb else text
 
 
 def show_plan(plan: "Plan") -> None:
@@ -186,6 +188,8 @@ def show_plan(plan: "Plan") -> None:
             samples = f"{st.samples['train']}/{st.samples['val']}"
         est = ests[st.name]
         estimate = _fmt_min(est.estimate_min)
+        if est.estimate_min is not None and est.estimate_min < 1:
+            estimate = f"{est.estimate_min * 60:.0f}s"  # calibrated tiny stages: seconds read better
         if est.source == "throughput":
             estimate += " (throughput)"
         if est.segments is not None and est.segments > est.max_segments:
