@@ -85,6 +85,13 @@ def calibrate_local(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
     return out
 
 
+def _calibration_job(plan_json: str, stage_name: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """What a calibration job runs (pickled by reference: torch is imported in the job, not here)."""
+    from progressive.calibrate import calibration_job
+
+    return calibration_job(plan_json, stage_name, options)
+
+
 def calibration_time_min(stage: StagePlan, limit_min: int) -> int:
     """A calibration job's time limit: `limit_min`, never more than the stage's own."""
     return max(1, min(limit_min, stage.time_limit_min))
@@ -97,7 +104,6 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
     On Ctrl-C or any error every job still in Slurm's queue is cancelled.
     """
     from progressive import slurm
-    from progressive.calibrate import calibration_job  # pickled by reference: the job imports it
 
     check_options(stages, options)
     if not slurm.slurm_available():
@@ -115,7 +121,7 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
                           additional_parameters=dict(st.slurm.extra))  # no requeue, no pre-timeout signal
             ex.update_parameters(**params)
             try:
-                jobs[st.name] = ex.submit(calibration_job, plan_json, st.name, dict(options))
+                jobs[st.name] = ex.submit(_calibration_job, plan_json, st.name, dict(options))
             except Exception as exc:  # submitit's FailedJobError carries sbatch's words
                 raise CalibrationError(f"sbatch refused the calibration job: {exc}", loc=f"stage {st.name!r}") from None
             if on_event:
