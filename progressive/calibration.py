@@ -167,6 +167,7 @@ class StageEstimate:
     gpu_peak_mb: Optional[float] = None  # device used, as nvidia-smi shows it
     gpu_total_mb: Optional[float] = None
     suggested_batch_size: Optional[int] = None
+    suggested_is_bucket: bool = False  # the search stopped at the whole bucket, not at the memory
     flags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -221,6 +222,7 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
             est.gpu_total_mb = float(gpu.get("device_total_mb") or 0) or None
         if isinstance(entry.get("suggested_batch_size"), int):
             est.suggested_batch_size = entry["suggested_batch_size"]
+            est.suggested_is_bucket = est.suggested_batch_size == (entry.get("batch_search") or {}).get("cap")
     elif stage.estimate_min is not None:  # the hand-typed throughput
         est.source = "throughput"
         est.estimate_min = stage.estimate_min

@@ -134,6 +134,7 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
         gpu = e.get("gpu") or {}
         search = e.get("batch_search") or {}
         fits = "-" if not search else (str(search.get("batch_size") or "none")
+                                       + (" = bucket" if search.get("batch_size") == search.get("cap") else "")
                                        + f" (<= {_mb(search.get('budget_mb'))})")
         t.add_row(name, str(e.get("device_name", e.get("device"))),
                   f"{s['mean']:.3g}", f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",

@@ -216,7 +216,9 @@ def show_plan(plan: "Plan") -> None:
         for note in est.notes:
             con.print(f"[yellow]{st.name}: {escape(note)}[/]")
         if est.suggested_batch_size is not None and est.suggested_batch_size != st.batch_size:
-            con.print(f"[dim]{st.name}: the largest batch that fits the memory is {est.suggested_batch_size}[/]")
+            what = ("the whole bucket fits the memory in one batch" if est.suggested_is_bucket
+                    else "the largest batch that fits the memory is")
+            con.print(f"[dim]{st.name}: {what} ({est.suggested_batch_size} per process)[/]")
     if not problem and all(e.calibration == "missing" for e in ests.values()):
         con.print(f"[dim]no calibration in {rel(calibration_path(plan))}: `progressive calibrate` measures step time "
                   "and memory so plan can estimate wall time, segments and peak memory[/]")
