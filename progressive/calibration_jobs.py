@@ -136,18 +136,18 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
                 if info is None or info.state not in final:
                     continue
                 del pending[name]
-                if info.state != "completed":
-                    raise CalibrationError(f"calibration job {job.job_id} ended {info.slurm_state}",
-                                           loc=f"stage {name!r}",
-                                           hint=f"its output: {Path(plan.run_dir) / CALIBRATION_JOBS_DIR / str(job.job_id)}")
+                logs = f"its output: {Path(plan.run_dir) / CALIBRATION_JOBS_DIR / str(job.job_id)}"
+                if info.state in ("timeout", "cancelled"):
+                    raise CalibrationError(f"calibration job {job.job_id} ended {info.slurm_state}", loc=f"stage {name!r}",
+                                           hint=f"give it more time with --time-limit, or fewer --steps; {logs}")
                 try:
                     entry = _entry_or_raise(plan.stage(name), job.result())
                 except CalibrationError:
                     raise
                 except Exception as exc:  # the job's own exception, re-raised by submitit with its traceback
                     last = str(exc).strip().splitlines()[-1:] or ["?"]
-                    raise CalibrationError(f"calibration job {job.job_id} failed: {last[0]}", loc=f"stage {name!r}",
-                                           hint=f"its output: {Path(plan.run_dir) / CALIBRATION_JOBS_DIR / str(job.job_id)}") from None
+                    raise CalibrationError(f"calibration job {job.job_id} ended {info.slurm_state}: {last[0]}",
+                                           loc=f"stage {name!r}", hint=logs) from None
                 store_entries(calibration_path(plan), {name: entry})
                 out[name] = entry
                 if on_event:

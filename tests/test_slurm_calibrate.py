@@ -59,7 +59,9 @@ def test_ctrl_c_cancels_the_calibration_jobs(slurm_cluster: None, tiny_dataset: 
                    '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\ninit_from = "none"\n')
     proc = subprocess.Popen([sys.executable, "-m", "progressive", "calibrate", "-c", str(cfg), "--time-limit", "4m"],
                             cwd=tmp_path, env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a background shell would hand SIGINT down ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job_id = None
     assert proc.stdout is not None
     for line in proc.stdout:  # the job is in Slurm's hands once calibrate says it runs
