@@ -284,3 +284,17 @@ def test_plan_with_corrupt_calibration_says_so(tmp_path: Path, tiny_dataset: Pat
     assert "calibration:" in proc.stdout and "not valid JSON" in proc.stdout and "progressive calibrate" in proc.stdout
     doc = plan_json(cfg)[""]
     assert "not valid JSON" in doc["calibration_error"] and doc["stages"][0]["estimate_source"] is None
+
+
+def test_a_failing_task_is_reported_and_earlier_stages_are_kept(tmp_path: Path, tiny_dataset: Path) -> None:
+    cfg = write_graph(tmp_path, tiny_dataset)
+    marker = tmp_path / "fail-{n}"
+    cfg.write_text(cfg.read_text().replace('task = "tests.tasks:SlowTask"', 'task = "tests.tasks:FlakyTask"')
+                   .replace("step_sleep = 0.0", f'step_sleep = 0.0\nfail_marker = "{marker}"'))
+    Path(str(marker).format(n=32)).write_text("")  # stage b (bucket 32) fails, stage a measures fine
+    proc = run_cli("calibrate", "--local", "-c", str(cfg), "--steps", "1", "--warmup", "1", "--min-seconds", "0",
+                   cwd=tmp_path, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr.split("measurement failed")[0]
+    assert "stage 'b': the measurement failed (exit 1)" in proc.stderr and "injected failure" in proc.stderr
+    doc = json.loads((tmp_path / "jobs" / "cal" / "calibration.json").read_text())
+    assert set(doc["stages"]) == {"a"}  # what was measured before the failure is kept
