@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["cli", "data", "train", "seq", "slurm"]
+ORDER = ["cli", "data", "train", "seq", "slurm", "calibrate"]
 
 
 def main(argv: list[str]) -> int:

@@ -9,6 +9,8 @@
     <jobs>/<run>/stages/<stage>/local.log      local mode's log
     <jobs>/<run>/stages/<stage>/tensorboard/   optional TensorBoard events
     <jobs>/<run>/report/                       `progressive report`: index.md, figures, transfer.json
+    <jobs>/<run>/calibration.json              `progressive calibrate`'s measurements, one entry per stage
+    <jobs>/<run>/calibration/<jobid>/          submitit's files of the calibration jobs
     <checkpoints>/<run>/<stage>/step_<N>.pt    full trainer state after optimizer step N
     <checkpoints>/<run>/<stage>/final.pt       final weights: a stage is complete once it exists
 
@@ -32,6 +34,8 @@ REQUEUES_FILE = "requeues.json"
 LOCAL_LOG = "local.log"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_JOBS_DIR = "calibration"
 FINAL_NAME = "final.pt"
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -136,6 +140,16 @@ class RunLayout:
     def report(self) -> Path:
         """Where `progressive report` writes."""
         return self.run_dir / REPORT_DIR
+
+    @property
+    def calibration(self) -> Path:
+        """`progressive calibrate`'s measurements of this run's stages."""
+        return self.run_dir / CALIBRATION_FILE
+
+    @property
+    def calibration_jobs(self) -> Path:
+        """submitit's folder pattern for the calibration jobs (`%j` becomes each job's id)."""
+        return self.run_dir / CALIBRATION_JOBS_DIR / "%j"
 
     def stage(self, name: str) -> StageLayout:
         """The files of stage `name`."""

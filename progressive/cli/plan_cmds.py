@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from progressive.cli.render import console
 
 if TYPE_CHECKING:
+    from progressive.calibration import StageEstimate
     from progressive.plan import Plan, StagePlan
 
 # config/plan (pydantic) are imported inside the handlers: `--help` must not pay for them.
@@ -98,13 +99,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def plan_json(plan: "Plan") -> dict[str, Any]:
-    """The plan as JSON-able data, with each stage's sbatch script."""
+    """The plan as JSON-able data, with each stage's sbatch script and its time/memory estimate."""
+    from progressive.calibration import calibration_path, estimates
     from progressive.backends.slurm import render_script
 
+    ests, problem = estimates(plan)
     out = plan.model_dump(mode="json", exclude={"stages"})
+    out["calibration_file"] = str(calibration_path(plan))
+    out["calibration_error"] = problem
     out["stages"] = []
     for st in plan.stages:
         d = st.model_dump(mode="json")
+        est = ests[st.name].as_json()
+        est["estimate_source"] = est.pop("source")
+        d.update(est)  # estimate_min is the calibrated one when there is a fresh calibration
         d["time_limit_min"] = st.time_limit_min
         d["init_from"] = st.init_from.stage or st.init_from.checkpoint or "none"
         d["init_checkpoint"] = st.init_from.checkpoint
@@ -147,10 +155,31 @@ def _resources(st: "StagePlan") -> str:
     return " ".join(parts)
 
 
+def _fmt_segments(est: "StageEstimate") -> str:
+    if est.segments is None:
+        return "-"
+    text = f"{est.segments}/{est.max_segments}"
+    return f"[bold red]{text}[/]" if est.segments > est.max_segments else text
+
+
+def _fmt_peak(est: "StageEstimate") -> str:
+    if est.peak_mem_mb is None:
+        return "-"
+    text = _fmt_mb(int(round(est.peak_mem_mb))) + (f"/{_fmt_mb(est.mem_request_mb)}" if est.mem_request_mb else "")
+    if est.mem_request_mb and est.peak_mem_mb > est.mem_request_mb:
+        return f"[bold red]{text}[/]"
+    from progressive.calibration import HOST_MEM_WARN
+
+    return f"[yellow]{text}[/]" if est.mem_request_mb and est.peak_mem_mb > HOST_MEM_WARN * est.mem_request_mb else text
+
+
 def show_plan(plan: "Plan") -> None:
-    """Print the plan table."""
+    """Print the plan table, with time, segments and memory from the run's calibration when there is one."""
     from rich.table import Table
 
+    from progressive.calibration import calibration_path, estimates
+
+    ests, problem = estimates(plan)
     con = console()
     con.print(f"[bold]run[/] {plan.run_name}   [bold]config[/] {rel(plan.config_path)}   [bold]data[/] {rel(plan.data_path)}"
               f"   [bold]records[/] {rel(plan.run_dir)}")
@@ -158,9 +187,9 @@ def show_plan(plan: "Plan") -> None:
         con.print(f"[red]data: {plan.data_error}[/]")
     t = Table(show_lines=False, header_style="bold")
     for col in ("stage", "n", "batch", "epochs", "train/val", "steps/ep", "steps", "budget",
-                "estimate", "init from", "gpu mem", "slurm (nodes x tasks, cpus, gpus, mem)"):
+                "estimate", "segments", "peak mem", "init from", "gpu mem", "slurm (nodes x tasks, cpus, gpus, mem)"):
         t.add_column(col, no_wrap=col == "stage",
-                     justify="right" if col in {"n", "batch", "epochs", "steps/ep", "steps"} else "left")
+                     justify="right" if col in {"n", "batch", "epochs", "steps/ep", "steps", "segments"} else "left")
     for st in plan.stages:
         if st.samples is None:
             samples = "[red]unknown[/]"
@@ -168,16 +197,42 @@ def show_plan(plan: "Plan") -> None:
             samples = "[red]missing[/]"
         else:
             samples = f"{st.samples['train']}/{st.samples['val']}"
-        estimate = _fmt_min(st.estimate_min)
-        if st.estimate_min is not None and st.estimate_min > st.time_limit_min:
+        est = ests[st.name]
+        estimate = _fmt_min(est.estimate_min)
+        if est.estimate_min is not None and est.estimate_min < 1:
+            estimate = f"{est.estimate_min * 60:.0f}s"  # calibrated tiny stages: seconds read better
+        if est.source == "throughput":
+            estimate += " (throughput)"
+        if est.segments is not None and est.segments > est.max_segments:
+            estimate = f"[bold red]{estimate}[/]"
+        elif est.estimate_min is not None and est.estimate_min > st.time_limit_min:
             estimate = f"[yellow]{estimate} (requeues)[/]"
+        gpu = _fmt_mb(int(est.gpu_peak_mb)) if est.gpu_peak_mb is not None else _fmt_mb(st.gpu_mem_mb)
         init = st.init_from.stage or (Path(st.init_from.checkpoint).name if st.init_from.checkpoint else "-")
         has_steps = st.total_steps is not None and st.total_steps > 0
         t.add_row(st.name, str(st.bucket), str(st.batch_size), str(st.epochs), samples,
                   str(st.steps_per_epoch) if has_steps else "-",
                   str(st.total_steps) if has_steps else "-",
-                  _fmt_min(st.time_limit_min), estimate, init, _fmt_mb(st.gpu_mem_mb), _resources(st))
+                  _fmt_min(st.time_limit_min), estimate, _fmt_segments(est), _fmt_peak(est), init, gpu,
+                  _resources(st))
     con.print(t)
+    from rich.markup import escape
+
+    if problem:
+        con.print(f"[red]calibration: {escape(problem)}[/]")
+    for st in plan.stages:
+        est = ests[st.name]
+        for flag in est.flags:
+            con.print(f"[bold red]{st.name}: {escape(flag)}[/]")
+        for note in est.notes:
+            con.print(f"[yellow]{st.name}: {escape(note)}[/]")
+        if est.suggested_batch_size is not None and est.suggested_batch_size != st.batch_size:
+            what = ("the whole bucket fits the memory in one batch" if est.suggested_is_bucket
+                    else "the largest batch that fits the memory is")
+            con.print(f"[dim]{st.name}: {what} ({est.suggested_batch_size} per process)[/]")
+    if not problem and all(e.calibration == "missing" for e in ests.values()):
+        con.print(f"[dim]no calibration in {rel(calibration_path(plan))}: `progressive calibrate` measures step time "
+                  "and memory so plan can estimate wall time, segments and peak memory[/]")
     for st in plan.stages:
         init = f"   init from {rel(st.init_from.checkpoint)}" if st.init_from.checkpoint else ""
         con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")

@@ -31,6 +31,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="show what would be submitted (same as plan --dry-run)")
     p.add_argument("--local", action="store_true", help="run the stages on this machine, one after another")
+    p.add_argument("--force", action="store_true",
+                   help="submit even stages the calibration says cannot finish within their requeues or do not fit")
     p.set_defaults(handler=cmd_submit)
 
     s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
@@ -107,6 +109,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         show_plan(plan)
         show_scripts(plan)
         return 0
+    if not args.force:
+        from progressive.calibration import refuse_flagged
+
+        refuse_flagged(plan)
     config_text = Path(args.config).read_text(encoding="utf-8")
     rec = runs.submit(plan, config_text, get_backend("local" if args.local else "slurm"))
     con = console()
