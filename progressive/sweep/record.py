@@ -31,6 +31,7 @@ class VariantRecord(_Rec):
     stages: list[str]
     pruned_after: Optional[str] = None  # the stage after which it was stopped
     pruned_metric: Optional[float] = None
+    trial: Optional[int] = None  # tpe: the Optuna trial number, once drawn
 
 
 class ArrayRecord(_Rec):
@@ -66,6 +67,7 @@ class SweepRecord(_Rec):
     metric: str
     goal: Literal["min", "max"]
     parallel: int
+    seed: int = 0
     prune_keep: Optional[float] = None
     created_at: str
     updated_at: str

@@ -112,7 +112,7 @@ def submit(sweep: SweepTable, paths: SweepPaths, vplans: list[VariantPlan], *, c
                         raise RunError(f"cannot submit variant {vp.variant.name}: " + "; ".join(problems), loc=sweep_path)
             rec = SweepRecord(
                 name=sweep.name, mode="local" if local else "slurm", method=sweep.method, metric=sweep.metric,
-                goal=sweep.goal, parallel=sweep.parallel, prune_keep=sweep.prune.keep if sweep.prune else None,
+                goal=sweep.goal, parallel=sweep.parallel, seed=sweep.seed, prune_keep=sweep.prune.keep if sweep.prune else None,
                 created_at=now_iso(), updated_at=now_iso(), sweep_dir=str(paths.sweep_dir),
                 config_path=str(paths.config_path), sweep_path=str(Path(sweep_path).resolve()), sweep_text=sweep_text,
                 variants=[VariantRecord(name=vp.variant.name, index=vp.variant.index, params=vp.variant.params,

@@ -101,6 +101,10 @@ class VariantRow:
     final_checkpoint: Optional[str] = None
     evals: dict[str, Any] = field(default_factory=dict)
 
+    def pruned_metric_stage(self) -> Optional[float]:
+        """The metric at the stage after which the variant was pruned."""
+        return self.stage_metrics.get(self.pruned_after) if self.pruned_after else None
+
 
 def _variant_state(stages: dict[str, str], pruned: bool) -> str:
     states = list(stages.values())

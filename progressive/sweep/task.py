@@ -38,7 +38,11 @@ def run_array_task(sweep_dir: str, key: str) -> None:
         from progressive.sweep.tpe import ensure_drawn
 
         ensure_drawn(rec, variant)
-    run_stage_job(str(rec.run_dir(variant)), stage)
+    result = run_stage_job(str(rec.run_dir(variant)), stage)
+    if rec.method == "tpe" and result.get("status") == "completed" and stage == rec.variant(variant).stages[-1]:
+        from progressive.sweep.tpe import tell_finished
+
+        tell_finished(rec, variant)
 
 
 def step_metrics(rec: srecord.SweepRecord, step: int) -> dict[str, Optional[float]]:
@@ -78,6 +82,10 @@ def decide_step(sweep_dir: str, step: int) -> list[str]:
             pruned[name] = metric
             run = record.load(rec.run_dir(name))
             cancel += [run.stages[s].job_id for s in v.stages[step + 1:] if s in run.stages and run.stages[s].job_id]  # type: ignore[misc]
+        if rec.method == "tpe" and pruned:
+            from progressive.sweep.tpe import tell_pruned
+
+            tell_pruned(rec, list(pruned))
         rec.prunes = [p for p in rec.prunes if p.step != step] + [srecord.PruneRecord(
             step=step, job_id=os.environ.get("SLURM_JOB_ID"), decided=True, kept=kept, pruned=pruned)]
         srecord.save(rec)
@@ -114,6 +122,12 @@ def run_local_stage(run_dir: str, stage_name: str) -> int:
     from progressive.local import _file_logger, _set_state
     from progressive.trainer import train_stage
 
+    sweep = srecord.load(Path(run_dir).parent)
+    variant = Path(run_dir).name
+    if sweep.method == "tpe":
+        from progressive.sweep.tpe import ensure_drawn
+
+        ensure_drawn(sweep, variant)
     rec = record.load(run_dir)
     st = rec.plan.stage(stage_name)
     import torch
@@ -133,6 +147,10 @@ def run_local_stage(run_dir: str, stage_name: str) -> int:
         logging.getLogger().removeHandler(handler)
     state = "completed" if outcome.status == "completed" else "stopped"
     _set_state(rec, st.name, state)
+    if sweep.method == "tpe" and state == "completed" and stage_name == rec.plan.stages[-1].name:
+        from progressive.sweep.tpe import tell_finished
+
+        tell_finished(sweep, variant)
     return 0 if state == "completed" else EXIT_STOPPED
 
 
