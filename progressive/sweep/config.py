@@ -163,11 +163,19 @@ def _sweep_error(exc: ValidationError, source: str) -> ConfigError:
     if isinstance(ctx_err, _SweepIssue):
         return ConfigError(ctx_err.msg, loc=f"{source}: [sweep].{ctx_err.key}", hint=ctx_err.hint)
     loc = [str(p) for p in err["loc"]]
-    # A param is a list or a Range: pydantic reports both branches; name the param, say both forms.
+    # A param is a list or a Range: pydantic reports both branches; keep the one matching the input's form.
     if len(loc) >= 3 and loc[:2] == ["sweep", "params"]:
         key = loc[2]
+        mine = [e for e in errors if [str(p) for p in e["loc"][:3]] == loc[:3]]
+        ranges = [e for e in mine if len(e["loc"]) > 3 and "Range" in str(e["loc"][3])]
+        first_input = mine[0].get("input") if mine else None
+        if ranges and not isinstance(first_input, list):
+            err = sorted(ranges, key=lambda e: e["type"] != "extra_forbidden")[0]
+            loc = [str(p) for p in err["loc"]]
         msg = err["msg"].removeprefix("Value error, ")
-        if "Range" in loc[3:4] and err["type"] not in ("extra_forbidden", "value_error", "missing"):
+        if len(loc) == 4 and "Range" in loc[3] and err["type"] not in ("extra_forbidden", "value_error", "missing"):
+            msg = f"expected a list of values or a range table, got {err.get('input')!r}"
+        elif err["type"] == "list_type":
             msg = f"expected a list of values or a range table, got {err.get('input')!r}"
         elif err["type"] == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r} in the range of {key!r}"
