@@ -219,3 +219,18 @@ def test_build_plan_unchanged_for_a_graph(tmp_path: Path) -> None:
 
     cfg = parse_config(GRAPH)
     assert build_plan(cfg, tmp_path / "stages.toml").names == ["a", "b", "c"]
+
+
+def test_master_port_differs_between_tasks_of_one_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tasks of array 500 on one node (their own job ids 501, 502) get different DDP ports; a requeue keeps it."""
+    from progressive.job import master_port
+
+    monkeypatch.setenv("SLURM_JOB_ID", "501")
+    first = master_port("500_0")
+    monkeypatch.setenv("SLURM_JOB_ID", "502")
+    second = master_port("500_1")
+    assert first != second and 20000 <= first < 40000
+    monkeypatch.setenv("SLURM_JOB_ID", "501")
+    assert master_port("500_0") == first
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert master_port("77") == 20077  # outside Slurm's environment: from the id given

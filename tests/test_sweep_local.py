@@ -143,3 +143,28 @@ def test_submit_refuses_missing_data_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "jobs").exists()
     missing = run_cli("sweep", "status", "--jobs", str(tmp_path / "jobs"), cwd=tmp_path)
     assert missing.returncode == 1 and "no sweeps under" in missing.stderr
+
+
+def test_local_resume_finishes_failed_variants_without_rerunning_complete_stages(tiny_dataset: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "fail-32"
+    marker.write_text("bucket 32 fails while this file exists")
+    text = graph(tiny_dataset).replace('[model.options]', f'[model]\ntask = "tests.tasks:FlakyTask"\n[model.options]\n'
+                                                          f'fail_marker = "{tmp_path}/fail-{{n}}"\nstep_sleep = 0.0')
+    (tmp_path / "stages.toml").write_text(text)
+    (tmp_path / "sweep.toml").write_text('[sweep]\nname = "f"\nmetric = "learned_iters"\nparallel = 2\n'
+                                         '[sweep.params]\n"train.lr" = [1e-3, 3e-3]\n')
+    proc = run_cli("sweep", "submit", "--local", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary(tmp_path, "f")
+    assert [r["state"] for r in rows] == ["failed", "failed"] and all(r["s16.learned_iters"] for r in rows)
+    s16 = tmp_path / "checkpoints" / "f" / "v000" / "s16" / "final.pt"
+    first = s16.stat().st_mtime_ns
+    dry = run_cli("sweep", "resume", "f", "--jobs", str(tmp_path / "jobs"), "--dry-run", check=True).stdout
+    assert "v000 s32: would resubmit" in dry and "s16" not in dry
+    marker.unlink()
+    proc = run_cli("sweep", "resume", "f", "--jobs", str(tmp_path / "jobs"), env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary(tmp_path, "f")
+    assert [r["state"] for r in rows] == ["completed", "completed"] and all(r["final.learned_iters"] for r in rows)
+    assert s16.stat().st_mtime_ns == first  # the complete stage was not rerun
+    assert (tmp_path / "jobs" / "f" / "best" / "final.pt").is_file()

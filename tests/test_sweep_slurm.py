@@ -130,3 +130,13 @@ def test_prune_job_stops_half_after_the_first_stage(slurm_cluster: None, tiny_da
         assert row["state"] == "pruned" and float(row["s16.learned_iters"]) == metric and row["s32.learned_iters"] == ""
     kept_metrics = [float(summary(jobs, "halve")[n]["s16.learned_iters"]) for n in decision["kept"]]
     assert max(kept_metrics) <= min(decision["pruned"].values())
+
+
+def test_sbatch_refusal_leaves_nothing(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "stages.toml").write_text(graph(tiny_dataset))
+    (tmp_path / "sweep.toml").write_text('[sweep]\nname = "refused"\nmetric = "learned_iters"\n'
+                                         '[sweep.params]\n"slurm.partition" = ["nosuchpartition"]\n')
+    proc = run_cli("sweep", "submit", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 1 and "sbatch failed" in proc.stderr and "nosuchpartition" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "jobs" / "refused").exists()  # no half-submitted sweep left behind

@@ -49,7 +49,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _sweep_arg(c)
     c.add_argument("--variants", metavar="V,W,...", help="only these variants")
     c.set_defaults(handler=cmd_cancel)
-    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+    def usage(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(handler=usage)
 
 
 def _files(p: argparse.ArgumentParser) -> None:

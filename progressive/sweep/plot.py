@@ -39,7 +39,7 @@ def write_plot(rec: SweepRecord) -> Path:
     ax1.set_title(f"{rec.metric} of each variant ({rec.goal} is best; purple: pruned)")
     ax1.tick_params(axis="x", rotation=60, labelsize=7)
     done = [r for r in table if r.final_metric is not None]
-    done.sort(key=lambda r: r.final_metric if rec.goal == "min" else -r.final_metric)  # type: ignore[arg-type, operator]
+    done.sort(key=lambda r: float(r.final_metric or 0.0) * (1 if rec.goal == "min" else -1))
     for r in done[:TOP]:
         run = record.load(rec.run_dir(r.name))
         xs: list[int] = []

@@ -201,9 +201,11 @@ def _submit_arrays(rec: SweepRecord, runs: Mapping[str, RunRecord], specs: list[
         record.save(run)
     if rec.final_job:
         slurm_array_cancel([rec.final_job])
-    live = [a.job_id for a in rec.arrays if a.job_id]
-    rec.final_job = _submit_small(rec, "summary", "afterany:" + ":".join(live + list(prune_ids.values())),
-                                  ["finish", rec.sweep_dir], submitted)
+    # Only jobs Slurm still knows: a dependency on a long-finished (purged) id makes sbatch refuse.
+    queued = slurm_array.queued_arrays()
+    after = [j for j in ids.values()] + list(prune_ids.values())
+    after += [a.job_id for a in rec.arrays if a.job_id and a.job_id not in after and a.job_id in queued]
+    rec.final_job = _submit_small(rec, "summary", "afterany:" + ":".join(after), ["finish", rec.sweep_dir], submitted)
 
 
 def _submit_small(rec: SweepRecord, what: str, dependency: str, args: list[str], submitted: list[str]) -> str:

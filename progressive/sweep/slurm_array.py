@@ -124,6 +124,12 @@ def sbatch(script: Path, dependency: str | None) -> str:
     return out.strip().split(";")[0]
 
 
+def queued_arrays() -> set[str]:
+    """Array (and plain job) ids with something still in Slurm's queue."""
+    out = run(["squeue", "-h", "-r", "-o", "%F"], timeout=30, check=False)
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
 _TASK_RE = re.compile(r"^(\d+)_(\d+)$")
 _PACKED_RE = re.compile(r"^(\d+)_\[([0-9,\-]+)(?:%\d+)?\]$")
 

@@ -160,7 +160,8 @@ def best(rec: SweepRecord, table: list[VariantRow]) -> Optional[VariantRow]:
     done = [r for r in table if r.final_metric is not None]
     if not done:
         return None
-    return sorted(done, key=lambda r: ((r.final_metric if rec.goal == "min" else -r.final_metric), r.name))[0]  # type: ignore[operator]
+    sign = 1.0 if rec.goal == "min" else -1.0
+    return sorted(done, key=lambda r: (sign * float(r.final_metric or 0.0), r.name))[0]
 
 
 def summary_csv(rec: SweepRecord, table: list[VariantRow]) -> str:
