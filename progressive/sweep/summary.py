@@ -75,7 +75,10 @@ def stage_states(rec: SweepRecord, runs: dict[str, RunRecord] | None = None) -> 
             elif job is None:
                 state = "not submitted"
             elif job not in infos:
-                state = "unknown"
+                # Slurm keeps no record of a pending array task cancelled before it was split off
+                # from its array; if Slurm knows the array but not the task, the task never ran.
+                array = job.split("_")[0]
+                state = "cancelled" if "_" in job and any(k.startswith(array + "_") for k in infos) else "unknown"
             else:
                 state = infos[job].state
                 if state == "completed":  # Slurm says done, no final weights: the stage did not finish
