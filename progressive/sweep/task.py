@@ -106,6 +106,12 @@ def run_finish(sweep_dir: str) -> None:
     from progressive.sweep.summary import write_outputs
 
     rec = srecord.load(sweep_dir)
+    if rec.method == "tpe":
+        # The last chance for a died chain's trial to be told: after this job nothing runs.
+        from progressive.sweep.tpe import study, tell_dead
+
+        with record.locked(sweep_dir):
+            tell_dead(rec, study(rec))
     summary, best = write_outputs(rec)
     log.info("wrote %s%s", summary, f" and {best}" if best else "")
     try:
