@@ -92,6 +92,11 @@ def run_local_sweep(rec: SweepRecord, on_event: Optional[Event] = None) -> bool:
         for s, h in previous.items():
             signal.signal(s, h)
     fresh = srecord.load(rec.sweep_dir)
+    if fresh.method == "tpe":
+        from progressive.sweep.tpe import study, tell_dead
+
+        with record.locked(fresh.sweep_dir):
+            tell_dead(fresh, study(fresh))  # a failed variant's trial, told before the study is read
     write_outputs(fresh)
     try:
         from progressive.sweep.plot import write_plot
