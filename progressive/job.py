@@ -32,9 +32,20 @@ def _ddp_env(env: dict[str, Any]) -> None:
         "LOCAL_RANK": str(env["local_rank"]),
         "WORLD_SIZE": str(env["num_tasks"]),
         "MASTER_ADDR": env["hostnames"][0],
-        # One port per job, stable across requeues of that job.
-        "MASTER_PORT": str(20000 + int(str(env["job_id"]).split("_")[0]) % 20000),
+        "MASTER_PORT": str(master_port(env["job_id"])),
     })
+
+
+def master_port(job_id: str) -> int:
+    """The DDP rendezvous port: one per job, stable across its requeues.
+
+    Taken from the allocation's own SLURM_JOB_ID, which differs between the tasks of one array
+    (their shared array id would put two tasks on one node on the same port); the same for
+    every rank of one allocation.
+    """
+    own = os.environ.get("SLURM_JOB_ID", "")
+    base = int(own) if own.isdigit() else int(str(job_id).split("_")[0])
+    return 20000 + base % 20000
 
 
 def _wait_for_time_limit(seconds: float) -> None:
@@ -92,7 +103,8 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
         # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
         sys.exit(1)
     counter = rec.layout.stage(stage.name).requeues
-    job_id = str(env["job_id"]).split("_")[0]
+    # "ARRAY_TASK" for an array task: requeue that task only, never the whole array.
+    job_id = str(env["job_id"])
     used = requeues.count(counter, job_id)
     if used < stage.slurm.max_requeues:
         requeues.set_count(counter, job_id, used + 1)
