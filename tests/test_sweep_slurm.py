@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.slurm_support import release_requeued, slurm_cluster, wait_for  # noqa: F401
+from tests.slurm_support import slurm_cluster, slurm_jobs, wait_for  # noqa: F401
 from tests.util import REPO, run_cli
 
 pytestmark = pytest.mark.slurm
@@ -57,7 +57,7 @@ def summary(jobs: Path, name: str) -> dict[str, dict[str, str]]:
         return {r["variant"]: r for r in csv.DictReader(f)}
 
 
-def test_grid_as_arrays_one_task_requeues_itself_cancel_and_resume(slurm_cluster: None, release_requeued: None,
+def test_grid_as_arrays_one_task_requeues_itself_cancel_and_resume(slurm_cluster: None, slurm_jobs: Path,
                                                                    tiny_dataset: Path, tmp_path: Path) -> None:
     (tmp_path / "stages.toml").write_text(graph(tiny_dataset))
     # v003 trains 48 epochs of ~1.5 s: it outlasts its 1-minute limit; the others take seconds.
