@@ -11,13 +11,11 @@ from progressive.config import (
     json_schema,
     load_config,
     parse_config,
-    parse_duration_min,
-    parse_mem_mb,
-    parse_seconds,
     resolved,
     topological_order,
 )
 from progressive.errors import ConfigError
+from progressive.units import parse_duration_min, parse_mem_mb, parse_seconds
 from tests.util import REPO, graph_toml, run_cli
 
 A = {"name": "a"}
