@@ -20,14 +20,13 @@ from progressive.errors import RunError
 from progressive.layout import is_complete
 from progressive.plan import Plan, StagePlan, missing_inputs
 from progressive.record import RunRecord, StageRecord, Submission
+from progressive.states import RUNNING_OR_QUEUED
 from progressive.units import now_iso
 from progressive.sweep import record as srecord
 from progressive.sweep import slurm_array
 from progressive.sweep.config import SweepTable
 from progressive.sweep.expand import SweepPaths, VariantPlan
 from progressive.sweep.record import ArrayRecord, PruneRecord, SweepRecord, VariantRecord
-
-LIVE = ("pending", "running", "suspended")
 
 
 def subset_counts(counts: Mapping[int, Mapping[str, int]], max_samples: int) -> dict[int, dict[str, int]]:
@@ -254,7 +253,7 @@ def plan_resume(rec: SweepRecord) -> list[Redo]:
             state, job = states[v.name][stage]
             if state == "completed":
                 continue
-            if state in LIVE and not redone:
+            if state in RUNNING_OR_QUEUED and not redone:
                 continue
             out.append(Redo(v.name, stage, job))
             redone = True
