@@ -68,11 +68,8 @@ def _sweep_arg(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple["SweepTable", str, str, "SweepPaths", list["VariantPlan"], Any]:
     """Both files -> (sweep, graph text, sweep text, paths, variant plans, replan)."""
-    from progressive.data.format import bucket_counts
-
-    def data_counts(path: Path) -> Any:
-        return bucket_counts(path, refresh_sidecar=False)
-
+    from progressive.config import parse_config
+    from progressive.data.counts import plan_counts
     from progressive.errors import ConfigError
     from progressive.sweep.config import load_sweep
     from progressive.sweep.expand import plan_variants
@@ -84,11 +81,17 @@ def _load(args: argparse.Namespace) -> tuple["SweepTable", str, str, "SweepPaths
     except FileNotFoundError:
         raise ConfigError("file not found", loc=args.config, hint="pass the stage graph with -c PATH") from None
 
+    def data_counts(path: Path) -> Any:
+        # As `plan` counts (progressive.data.counts): the graph's count index, an array folder, or the HDF5
+        # file; no torch. The index is the one `data index` wrote for the graph as written, not per variant.
+        cfg = parse_config(config_text, args.config)
+        return plan_counts(path, buckets=[st.bucket for st in cfg.stage], task=cfg.model.task,
+                           options=cfg.model.options, config=args.config)
+
     def counts(path: Path) -> Any:
         if sweep.subset and not path.is_file():
             from progressive.sweep.expand import sweep_paths
             from progressive.sweep.runner import subset_counts
-            from progressive.config import parse_config
 
             source = sweep_paths(parse_config(config_text, args.config), args.config, sweep).source_data
             return subset_counts(data_counts(source), sweep.subset.max_samples)

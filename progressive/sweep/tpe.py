@@ -84,7 +84,8 @@ def tell_dead(rec: SweepRecord, st: Any) -> None:
 
 def ensure_drawn(rec: SweepRecord, variant: str) -> None:
     """Draw the variant's parameters (once, at its first job) and rewrite its plan with them."""
-    from progressive.data.format import bucket_counts
+    from progressive.config import parse_config
+    from progressive.data.counts import plan_counts
     from progressive.plan import build_plan
     from progressive.sweep.expand import variant_config
 
@@ -103,8 +104,10 @@ def ensure_drawn(rec: SweepRecord, variant: str) -> None:
         raw = tomllib.loads(run.config_text)
         paths = _paths(rec, run)
         cfg = variant_config(raw, params, name=variant, paths=paths, source=rec.sweep_path)
+        base = parse_config(run.config_text, run.config_path)  # the graph as written: what its count index was made for
         run.plan = build_plan(cfg, run.config_path, run_name=variant,
-                              counts=lambda p: bucket_counts(p, refresh_sidecar=False))
+                              counts=lambda p: plan_counts(p, buckets=[s.bucket for s in base.stage], task=base.model.task,
+                                                           options=base.model.options, config=run.config_path))
         record.save(run)
         v.params, v.trial = params, trial.number
         srecord.save(rec)
