@@ -21,6 +21,7 @@ from progressive.config import GraphConfig, _config_error, _looks_like_path
 from progressive.errors import ConfigError
 from progressive.plan import Plan, build_plan
 from progressive.sweep.config import Range, SweepTable
+from progressive.sweep.record import path as sweep_record_path
 
 from pydantic import ValidationError
 
@@ -121,7 +122,7 @@ class SweepPaths:
     @property
     def record(self) -> Path:
         """jobs/<sweep>/sweep.json."""
-        return self.sweep_dir / "sweep.json"
+        return sweep_record_path(self.sweep_dir)
 
 
 def sweep_paths(cfg: GraphConfig, config_path: str | Path, sweep: SweepTable) -> SweepPaths:

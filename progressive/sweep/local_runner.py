@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from progressive import record
-from progressive.layout import is_complete
+from progressive.layout import STAGES_DIR, is_complete
 from progressive.sweep import record as srecord
 from progressive.sweep.record import SweepRecord
 from progressive.sweep.task import EXIT_STOPPED
@@ -39,7 +39,7 @@ class _Runner:
             return "stopped"
         self.on_event(variant, stage, "start")
         cmd = [sys.executable, "-m", "progressive.sweep.task", "local", str(self.rec.run_dir(variant)), stage]
-        log = self.rec.run_dir(variant) / "stages" / stage / "worker.log"
+        log = self.rec.run_dir(variant) / STAGES_DIR / stage / "worker.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             # Own session: Ctrl-C reaches the runner only, which forwards SIGTERM to each worker once.

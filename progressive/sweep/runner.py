@@ -167,7 +167,7 @@ def _submit_arrays(rec: SweepRecord, runs: Mapping[str, RunRecord], specs: list[
     ids: dict[str, str] = {}
     steps = sorted({s.step for s in specs})
     prune_ids: dict[int, str] = {}
-    script_dir = Path(rec.sweep_dir) / "slurm"
+    script_dir = slurm_array.slurm_dir(rec.sweep_dir)
     script_dir.mkdir(parents=True, exist_ok=True)
     for step in steps:
         for s in [s for s in specs if s.step == step]:
@@ -212,7 +212,7 @@ def _submit_small(rec: SweepRecord, what: str, dependency: str, args: list[str],
     first = rec.arrays[0].script if rec.arrays else ""
     options = _options_of(Path(first).read_text() if first else "")
     text = slurm_array.render_small(rec.name, Path(rec.sweep_dir), what, options, slurm_array.entry(*args))
-    script = Path(rec.sweep_dir) / "slurm" / f"{what}.sbatch"
+    script = slurm_array.slurm_dir(rec.sweep_dir) / f"{what}.sbatch"
     atomic.write_text(script, text)
     job = slurm_array.sbatch(script, dependency)
     submitted.append(job)

@@ -89,10 +89,18 @@ def task_list(ids: Iterable[int], parallel: int) -> str:
     return ",".join(parts) + f"%{parallel}"
 
 
+SLURM_DIR = "slurm"  # jobs/<sweep>/slurm/: the arrays' and helper jobs' scripts and logs
+
+
+def slurm_dir(sweep_dir: str | Path) -> Path:
+    """Where a sweep's sbatch scripts and job logs go."""
+    return Path(sweep_dir) / SLURM_DIR
+
+
 def render(sweep_name: str, sweep_dir: Path, spec: ArraySpec, tasks: Iterable[int], parallel: int,
            entry: Sequence[str]) -> str:
     """The sbatch script of an array (its dependency goes on sbatch's command line, known only at submit)."""
-    logs = sweep_dir / "slurm"
+    logs = slurm_dir(sweep_dir)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep_name}.{spec.key}", f"#SBATCH --array={task_list(tasks, parallel)}",
              f"#SBATCH --output={logs}/%A_%a.out", f"#SBATCH --error={logs}/%A_%a.err", "#SBATCH --open-mode=append",
              "#SBATCH --requeue"]
@@ -105,7 +113,7 @@ def render(sweep_name: str, sweep_dir: Path, spec: ArraySpec, tasks: Iterable[in
 
 def render_small(sweep_name: str, sweep_dir: Path, what: str, options: Sequence[tuple[str, str]], entry: Sequence[str]) -> str:
     """The script of a one-task helper job (prune decision, final summary)."""
-    logs = sweep_dir / "slurm"
+    logs = slurm_dir(sweep_dir)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep_name}.{what}", f"#SBATCH --output={logs}/{what}-%j.out",
              f"#SBATCH --time={SMALL_JOB_MIN}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=1"]
     lines += [f"#SBATCH --{k}={v}" for k, v in options if k in ("partition", "account", "qos")]

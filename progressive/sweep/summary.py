@@ -20,7 +20,7 @@ from typing import Any, Optional
 from progressive import atomic, record
 from progressive.errors import RunError
 from progressive.backends.local import LocalBackend
-from progressive.layout import is_complete
+from progressive.layout import FINAL_NAME, is_complete
 from progressive.metrics import last_step_metrics, tail_objects
 from progressive.record import RunRecord
 from progressive.sweep.record import SweepRecord
@@ -205,7 +205,7 @@ def write_outputs(rec: SweepRecord) -> tuple[Path, Optional[Path]]:
     src = Path(top.final_checkpoint)
     if not src.is_file():
         raise RunError("the best variant's final checkpoint is missing", loc=str(src))
-    with atomic.replacing(best_dir / "final.pt") as tmp:
+    with atomic.replacing(best_dir / FINAL_NAME) as tmp:
         shutil.copyfile(src, tmp)
     info = {"sweep": rec.name, "variant": top.name, "params": top.params, "metric": rec.metric, "goal": rec.goal,
             "final_metric": top.final_metric, "stage_metrics": top.stage_metrics, "evaluations": top.evals,
