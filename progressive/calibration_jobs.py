@@ -136,7 +136,7 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
                 if info is None or info.state not in final:
                     continue
                 del pending[name]
-                logs = f"its output: {Path(plan.run_dir) / CALIBRATION_JOBS_DIR / str(job.job_id)}"
+                logs = f"its output: {plan.layout.calibration_job_dir(str(job.job_id))}"
                 if info.state in ("timeout", "cancelled"):
                     raise CalibrationError(f"calibration job {job.job_id} ended {info.native_state}", loc=f"stage {name!r}",
                                            hint=f"give it more time with --time-limit, or fewer --steps; {logs}")

@@ -151,6 +151,10 @@ class RunLayout:
         """submitit's folder pattern for the calibration jobs (`%j` becomes each job's id)."""
         return self.run_dir / CALIBRATION_JOBS_DIR / "%j"
 
+    def calibration_job_dir(self, job_id: str) -> Path:
+        """submitit's folder of one calibration job."""
+        return self.run_dir / CALIBRATION_JOBS_DIR / job_id
+
     def stage(self, name: str) -> StageLayout:
         """The files of stage `name`."""
         return StageLayout(self.run_dir / STAGES_DIR / name, self.checkpoint_root / name)
