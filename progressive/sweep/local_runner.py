@@ -3,7 +3,7 @@
 Each stage of each variant runs in its own process (`python -m progressive.sweep.task local`),
 so variants train side by side and a crash stays in its variant. Without pruning each variant
 goes on by itself; with pruning the runner waits for every variant to finish a stage and
-applies the same decision function as the Slurm prune job. Ctrl-C (or SIGTERM) stops the
+applies the same decision function as the Slurm prune job. Ctrl-C (or SIGTERM, or SIGHUP) stops the
 workers after their current step with a checkpoint; `sweep resume` continues.
 """
 
@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from progressive import record
 from progressive.layout import STAGES_DIR, is_complete
+from progressive.signals import INTERRUPT_SIGNALS
 from progressive.sweep import record as srecord
 from progressive.sweep.record import SweepRecord
 from progressive.sweep.task import EXIT_STOPPED
@@ -77,7 +78,7 @@ def run_local_sweep(rec: SweepRecord, on_event: Optional[Event] = None) -> bool:
     from progressive.sweep.summary import write_outputs
 
     runner = _Runner(rec, on_event)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in INTERRUPT_SIGNALS}
     for s in previous:
         signal.signal(s, runner.interrupt)
     try:
