@@ -59,8 +59,10 @@ def finished(run: str, jobs: Path, env: dict[str, str]) -> Any:
     """status --json once every stage is final and Slurm has recorded its job's end (else False)."""
     st = status(run, jobs, env)
     done = all(s["state"] in FINAL for s in st.values())
-    ended = all(s["slurm_state"].split()[0] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED") for s in st.values())
-    return st if done and ended else False
+    # Slurm's own word may be missing for a moment (sacct lags behind the controller): not ended yet.
+    ended = done and all((s["slurm_state"] or "PENDING").split()[0] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED")
+                         for s in st.values())
+    return st if ended else False
 
 
 def sacct(job_id: str, env: dict[str, str], fields: str) -> list[str]:
