@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from progressive.layout import CALIBRATION_JOBS_DIR
 from progressive.calibration import CalibrationError, calibration_path, store_entries
 from progressive.plan import Plan, StagePlan
+from progressive.states import StageState
 
-__all__ = ["calibrate_local", "calibrate_slurm", "CALIBRATION_JOBS_DIR"]
+__all__ = ["calibrate_local", "calibrate_slurm"]
+
+# How long a calibration job may stay unknown to Slurm before calibrate gives up on it.
+LOST_AFTER_S = 120.0
 
 Event = Callable[[str, str, Optional[Mapping[str, Any]]], None]  # (stage, what, entry-or-info)
 
@@ -110,7 +113,9 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
         raise CalibrationError("Slurm is not available on this machine (no sbatch/srun on PATH)", loc="calibrate",
                                hint="measure here with `progressive calibrate --local`")
     jobs: dict[str, Any] = {}
-    final = {"completed", "failed", "timeout", "cancelled"}
+    # The ends a calibration job can reach; anything else is still on its way, unless Slurm stops knowing it.
+    final = {StageState.COMPLETED, StageState.FAILED, StageState.TIMEOUT, StageState.CANCELLED}
+    unseen: dict[str, float] = {}  # stage -> when Slurm first had no word (or "unknown") for its job
     out: dict[str, dict[str, Any]] = {}
     try:
         plan_json = plan.model_dump_json()
@@ -133,11 +138,20 @@ def calibrate_slurm(plan: Plan, stages: list[StagePlan], options: Mapping[str, A
                 info = infos.get(str(job.job_id))
                 if on_event and info is not None:
                     on_event(name, "state", {"job_id": str(job.job_id), "state": info.state})
-                if info is None or info.state not in final:
+                if info is None or info.state is StageState.UNKNOWN:
+                    # sacct may lag a moment behind sbatch; a job Slurm forgets for good must not hang us.
+                    first = unseen.setdefault(name, time.monotonic())
+                    if time.monotonic() - first > LOST_AFTER_S:
+                        raise CalibrationError(f"Slurm has no state for calibration job {job.job_id} "
+                                               f"({info.native_state if info else 'not found'})", loc=f"stage {name!r}",
+                                               hint=f"check `sacct -j {job.job_id}` and run calibrate again")
+                    continue
+                unseen.pop(name, None)
+                if info.state not in final:
                     continue
                 del pending[name]
                 logs = f"its output: {plan.layout.calibration_job_dir(str(job.job_id))}"
-                if info.state in ("timeout", "cancelled"):
+                if info.state in (StageState.TIMEOUT, StageState.CANCELLED):
                     raise CalibrationError(f"calibration job {job.job_id} ended {info.native_state}", loc=f"stage {name!r}",
                                            hint=f"give it more time with --time-limit, or fewer --steps; {logs}")
                 try:
