@@ -80,7 +80,7 @@ def evaluate_transfer(rec: RunRecord, cache_dir: Path, *, max_samples: int,
     """
     plan = rec.plan
     data = Path(plan.data_path)
-    if not data.is_file():
+    if not data.exists():  # a file (HDF5) or a folder (the dense-array layout)
         raise DataError("the run's data file is missing: the transfer matrix needs its validation splits",
                         loc=str(data), hint="restore the file, or skip the transfer matrix with --no-transfer")
     buckets = sorted({st.bucket for st in plan.stages})
