@@ -23,8 +23,8 @@ GRAPH = ('[run]\nname = "g"\ndata = "{data}"\nseed = 1\n[slurm]\ntime = "5m"\n'
          '[model.options]\nhidden = 4\nlayers = 1\n'
          '[[stage]]\nname = "s16"\nbucket = 16\nbatch_size = 4\nepochs = 1\ninit_from = "none"\n'
          '[[stage]]\nname = "s32"\nbucket = 32\nbatch_size = 4\nepochs = 1\n')
-SWEEP = ('[sweep]\nname = "gs"\nmethod = "grid"\nmetric = "learned_iters"\nparallel = 2\n'
-         '[sweep.params]\n"train.lr" = [0.003, 0.01]\n')
+SWEEP = ('[sweep]\nname = "gs"\nmethod = "grid"\nmetric = "learned_iters"\nparallel = 2\n[sweep.prune]\nkeep = 0.5\n'
+         '[sweep.params]\n"train.lr" = [0.003, 0.01]\n"model.options.hidden" = [4, 8]\n')
 
 
 def hashes(*roots: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def hashes(*roots: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def swept(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished two-variant local grid sweep (two stages each) in its own folder."""
+    """A finished four-variant local grid sweep (two stages each, half pruned after the first) in its own folder."""
     tmp = tmp_path_factory.mktemp("sweep")
     (tmp / "stages.toml").write_text(GRAPH.format(data=tiny_dataset))
     (tmp / "sweep.toml").write_text(SWEEP)
@@ -53,14 +53,14 @@ def test_report_of_a_sweep_compares_its_variants(swept: Path) -> None:
     before = hashes(jobs, swept / "checkpoints")
     proc = run_cli("report", "--jobs", str(jobs), cwd=swept, env=ENV)  # no name: the newest entry is the sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "report: " in proc.stdout and "variant 1/2" in proc.stderr  # location on stdout, progress on stderr
+    assert "report: " in proc.stdout and "variant 1/4" in proc.stderr  # location on stdout, progress on stderr
     assert hashes(jobs, swept / "checkpoints") == before  # the sweep is never changed
     index = sweep_dir / "report" / "index.md"
     text = index.read_text()
 
     with (sweep_dir / "summary.csv").open() as f:
         summary = list(csv.DictReader(f))
-    assert len(summary) == 2 and all(r["state"] == "completed" for r in summary)
+    assert sorted(r["state"] for r in summary) == ["completed", "completed", "pruned", "pruned"]
     # The table's rows are summary.csv's: same variants in the same order, same metrics per stage and final.
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
@@ -68,10 +68,13 @@ def test_report_of_a_sweep_compares_its_variants(swept: Path) -> None:
     assert [b[0].strip("*") for b in body] == [r["variant"] for r in summary]
     for b, r in zip(body, summary):
         row = dict(zip(header, b))
-        assert row["`train.lr`"] == f"{float(r['train.lr']):.4g}" and row["state"] == r["state"]
-        for stage in ("s16", "s32"):
-            assert float(row[f"{stage} learned_iters"]) == pytest.approx(float(r[f"{stage}.learned_iters"]), rel=1e-3)
-        assert float(row["final learned_iters"]) == pytest.approx(float(r["final.learned_iters"]), rel=1e-3)
+        assert row["`train.lr`"] == f"{float(r['train.lr']):.4g}" and row["`model.options.hidden`"] == r["model.options.hidden"]
+        assert row["state"] == (f"pruned after {r['pruned_after']}" if r["state"] == "pruned" else r["state"])
+        for stage, key in (("s16", "s16.learned_iters"), ("s32", "s32.learned_iters"), ("final", "final.learned_iters")):
+            if r[key] == "":  # pruned: no metric after the stage it never ran, no final metric
+                assert row[f"{stage} learned_iters"] == "-"
+            else:
+                assert float(row[f"{stage} learned_iters"]) == pytest.approx(float(r[key]), rel=1e-3)
         assert float(row["CPU hours"]) == pytest.approx(float(r["cpu_hours"]), abs=1e-4)
         # Each variant's own report exists and is linked from its row and from the list.
         link = re.fullmatch(r"\[report\]\((.+)\)", row["report"])
@@ -86,11 +89,15 @@ def test_report_of_a_sweep_compares_its_variants(swept: Path) -> None:
         assert f"]({name})" in text
         assert (index.parent / name).read_bytes()[:8] == PNG and (index.parent / name).stat().st_size > 1000
 
-    # By name, again: refreshed in place, still nothing else changed.
-    again = run_cli("report", "gs", "--jobs", str(jobs), cwd=swept, env=ENV)
+    # By name, again, with --transfer: refreshed in place, a transfer matrix per variant, still nothing else changed.
+    again = run_cli("report", "gs", "--jobs", str(jobs), "--transfer", cwd=swept, env=ENV)
     assert again.returncode == 0, again.stderr
     assert f"best variant: {best['variant']}" in again.stdout
     assert hashes(jobs, swept / "checkpoints") == before
+    for r in summary:
+        cells = json.loads((sweep_dir / r["variant"] / "report" / "transfer.json").read_text())
+        assert cells and (sweep_dir / r["variant"] / "report" / "transfer.png").read_bytes()[:8] == PNG
+    assert "evaluated for each variant" in index.read_text()
 
 
 def test_report_data_of_a_sweep(swept: Path) -> None:
@@ -109,7 +116,9 @@ def test_report_data_of_a_sweep(swept: Path) -> None:
     assert summary.summary_csv(rec, rep.table) == (swept / "jobs" / "gs" / "summary.csv").read_bytes().decode()
     best = json.loads((swept / "jobs" / "gs" / "best" / "best.json").read_text())
     assert rep.best is not None and rep.best.name == best["variant"] == rep.top[0]
-    assert sorted(rep.top) == sorted(r.name for r in rep.table)
+    completed = sorted((r for r in rep.table if r.state == "completed"), key=lambda r: (r.final_metric, r.name))
+    assert rep.top == [r.name for r in completed] and len(rep.top) == 2  # pruned ones have no final metric
+    assert sorted(rep.variants) == sorted(r.name for r in rep.table)  # every variant started: each has a report
     for name in rep.top:
         xs, ys = sweep_loss_points(rep.variants[name].curves)
         run = read_run(record.load(rec.run_dir(name)))
