@@ -12,15 +12,23 @@ from progressive.cli.render import console, err_console
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the report command."""
-    p = sub.add_parser("report", help="write jobs/<run>/report/index.md: loss, evaluation, transfer matrix, where the time went",
+    p = sub.add_parser("report", help="write jobs/<run>/report/index.md: loss, evaluation, transfer matrix, where the time "
+                       "went (for a sweep: its variants compared)",
                        description="Build a report of a run (local or Slurm, finished or not) from its own records: "
                        "loss and learning-rate figures with every restart marked, the per-stage evaluation, the "
                        "transfer matrix (each stage's final weights on every bucket) and the time account. "
-                       "Re-running refreshes it; the run itself is never changed.")
-    p.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the most recent run under the jobs folder)")
+                       "For a sweep, jobs/<sweep>/report/index.md compares its variants (the summary.csv rows, the "
+                       "best variant, the metric per variant, the top variants' loss curves) and links each "
+                       "variant's own report, built here without the transfer matrix unless --transfer. "
+                       "Re-running refreshes it; the run or sweep itself is never changed.")
+    p.add_argument("run", nargs="?", metavar="RUN",
+                   help="run or sweep name (default: the most recent run or sweep under the jobs folder)")
     p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
-    p.add_argument("--no-transfer", action="store_true",
+    p.add_argument("--no-transfer", dest="transfer", action="store_const", const=False, default=None,
                    help="skip the transfer matrix (it evaluates every stage's weights on every bucket)")
+    p.add_argument("--transfer", dest="transfer", action="store_const", const=True,
+                   help="evaluate the transfer matrix: the default for a run; for a sweep, off unless given "
+                   "(it is one matrix per variant)")
     p.add_argument("--transfer-samples", type=_positive_int, default=None, metavar="N",
                    help="validation matrices per bucket for the transfer matrix (default: the run's largest eval_samples)")
     p.set_defaults(handler=cmd_report)
@@ -38,10 +46,11 @@ def _positive_int(text: str) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Handler of `progressive report`."""
-    from progressive import runs
     from progressive.report.build import build_report
+    from progressive.report.sweep import build_sweep_report, find_target
+    from progressive.sweep.record import SweepRecord
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="report")
+    rec = find_target(Path(args.jobs), args.run, verb="report")
     con = err_console()
     progress: Any = None
     task: Any = None
@@ -56,10 +65,26 @@ def cmd_report(args: argparse.Namespace) -> int:
                                 TextColumn("{task.fields[what]}"), TimeElapsedColumn(), console=con, transient=True)
             progress.start()
             task = progress.add_task("transfer", total=total, what=what)
-        progress.update(task, completed=done, what=what)
+        progress.update(task, completed=done, total=total, what=what)
 
+    if isinstance(rec, SweepRecord):
+        def on_variant(done: int, total: int, variant: str) -> None:
+            if variant:
+                con.print(f"variant {done + 1}/{total}: {variant}")
+
+        try:
+            srep = build_sweep_report(rec, transfer=bool(args.transfer), transfer_samples=args.transfer_samples,
+                                      on_progress=on_progress, on_variant=on_variant)
+        finally:
+            if progress is not None:
+                progress.stop()
+        out = console()
+        out.print(f"best variant: {srep.best.name}" if srep.best is not None else "best variant: - (none completed)")
+        out.print(f"variant reports: {len(srep.variants)} of {len(srep.table)}")
+        out.print(f"report: {rel(srep.index)}")
+        return 0
     try:
-        rep = build_report(rec, transfer=not args.no_transfer, transfer_samples=args.transfer_samples,
+        rep = build_report(rec, transfer=args.transfer is not False, transfer_samples=args.transfer_samples,
                            on_progress=on_progress)
     finally:
         if progress is not None:

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     from progressive.report.accounting import Accounting
     from progressive.report.series import CurveData, Series
     from progressive.report.transfer import TransferResult
+    from progressive.sweep.summary import VariantRow
 
-__all__ = ["require_matplotlib", "loss_figures", "lr_figure", "time_figure", "transfer_figure"]
+__all__ = ["require_matplotlib", "loss_figures", "lr_figure", "time_figure", "transfer_figure", "sweep_metric_figure",
+           "sweep_loss_figure", "sweep_loss_points"]
 
 MARK_STYLE = {"boundary": ("black", "--"), "restart": ("red", ":"), "stop": ("orange", "-.")}
 
@@ -167,3 +169,56 @@ def transfer_figure(result: "TransferResult", out: Path) -> Path:
     ax.set_title(f"Transfer matrix: {result.metric}")
     fig.colorbar(im, ax=ax, label="relative to the best weights for the bucket (1 = best)")
     return _save(fig, out / "transfer.png")
+
+
+def sweep_metric_figure(table: "list[VariantRow]", metric: str, goal: str, out: Path) -> Path:
+    """sweep_metric.png: each variant's metric after every stage (pruned variants stop where they were pruned)."""
+    plt = require_matplotlib()
+    stages = list(dict.fromkeys(s for r in table for s in r.stage_metrics))
+    colours = _colours(stages)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(table) + 3), 4.2))
+    width = 0.8 / max(1, len(stages))
+    for j, st in enumerate(stages):
+        xs = [i + (j - (len(stages) - 1) / 2) * width for i in range(len(table))]
+        ys = [r.stage_metrics.get(st) for r in table]
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, color=colours[st], label=f"after {st}")
+    for i, r in enumerate(table):
+        if r.state != "completed":
+            ax.annotate(r.state, (i, 0), ha="center", va="bottom", fontsize=7, rotation=90, color="dimgray")
+    ax.set_xticks(range(len(table)), [r.name for r in table], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of each variant after each stage ({goal} is best)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, out / "sweep_metric.png")
+
+
+def sweep_loss_points(data: "CurveData") -> tuple[list[int], list[float]]:
+    """A variant's training loss across the curriculum: (global step, loss), stages end to end."""
+    xs = [x for s in data.loss for x in s.global_step]
+    ys = [y for s in data.loss for y in s.values]
+    return xs, ys
+
+
+def sweep_loss_figure(curves: "dict[str, CurveData]", out: Path) -> Path:
+    """sweep_loss.png: the training loss of the given variants (best first) against the global step."""
+    plt = require_matplotlib()
+    colours = _colours(list(curves))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    values: list[float] = []
+    for name, data in curves.items():
+        for k, s in enumerate(data.loss):
+            _plot_pieces(ax, s, "global_step", colours[name], name if k == 0 else "_nolegend_")
+            values += s.values
+    if curves:  # stage starts, from the best variant (other variants may differ when their steps do)
+        for m in next(iter(curves.values())).markers:
+            if m.kind == "boundary" and m.global_step:
+                ax.axvline(m.global_step, color="black", linestyle="--", linewidth=0.8, alpha=0.5)
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("global optimizer step (stages end to end)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Training loss of the top {len(curves)} variant(s) across the curriculum")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, out / "sweep_loss.png")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from progressive.report.accounting import Accounting, TimeAccount
 from progressive.report.data import RunData
 from progressive.report.transfer import TransferResult
 
-__all__ = ["render", "fmt_s"]
+if TYPE_CHECKING:
+    from progressive.sweep.record import SweepRecord
+    from progressive.sweep.summary import VariantRow
+
+__all__ = ["render", "render_sweep", "fmt_s"]
 
 BASELINES = ("cg", "jacobi", "ic0")  # the reference task's non-learned preconditioners
 
@@ -191,3 +195,55 @@ def _segments(run: RunData, acc: Accounting) -> list[str]:
                          fmt_s(seg.useful_s)])
     return lines + _table(["stage", "#", "job (state)", "started at", "steps", "from", "ended", "redone", "useful"],
                           rows, right_from=3)
+
+
+def _param(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render_sweep(rec: "SweepRecord", table: "list[VariantRow]", top: "Optional[VariantRow]", links: dict[str, str],
+                 figures: dict[str, str], curves_of: list[str], *, transfer: bool) -> str:
+    """The sweep's index.md: the variants table (summary.csv's rows), the best variant, figures, variant links.
+
+    `links` maps the variants that have a report to its index.md relative to this one.
+    """
+    params = list(dict.fromkeys(k for r in table for k in r.params))
+    stages = list(dict.fromkeys(s for r in table for s in r.stages))
+    lines = [f"# Report: sweep `{rec.name}`", "",
+             f"{rec.mode} sweep, method {rec.method}, {len(table)} variant(s); metric `{rec.metric}` "
+             f"({rec.goal} is best). Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `progressive report` from the "
+             "sweep's own records (sweep.json, the same rows as summary.csv, each variant's run). Re-run it to "
+             "refresh; it never changes the sweep.", ""]
+    if top is not None:
+        link = f" ([report]({links[top.name]}))" if top.name in links else ""
+        lines += [f"**Best variant: `{top.name}`**, final {rec.metric} {_num(top.final_metric)}" + link
+                  + (" with " + ", ".join(f"`{k}` = {_param(v)}" for k, v in top.params.items()) if top.params else "")
+                  + ".", ""]
+    else:
+        lines += ["**Best variant: -** (no variant has completed every stage yet).", ""]
+    lines += ["## Variants", ""]
+    header = ["variant", *[f"`{k}`" for k in params], "state", *[f"{s} {rec.metric}" for s in stages],
+              f"final {rec.metric}", "wall time", "CPU hours", "GPU hours", "report"]
+    body = []
+    for r in table:
+        state = f"pruned after {r.pruned_after}" if r.pruned_after else r.state
+        name = f"**{r.name}**" if top is not None and r.name == top.name else r.name
+        body.append([name, *[_param(r.params.get(k)) for k in params], state,
+                     *[_num(r.stage_metrics.get(s)) for s in stages], _num(r.final_metric), fmt_s(r.wall_s),
+                     f"{r.cpu_hours:.3g}", f"{r.gpu_hours:.3g}",
+                     f"[report]({links[r.name]})" if r.name in links else "not started"])
+    lines += _table(header, body, right_from=1 + len(params) + 1)
+    lines += ["## Comparison", ""]
+    if "sweep_metric.png" in figures:
+        lines += [f"![{rec.metric} per variant]({figures['sweep_metric.png']})", ""]
+    if "sweep_loss.png" in figures:
+        lines += [f"Training loss of the top {len(curves_of)} completed variant(s) ({', '.join(curves_of)}), stages "
+                  "end to end:", "", f"![loss of the top variants]({figures['sweep_loss.png']})", ""]
+    else:
+        lines += ["No variant has completed yet: no loss comparison.", ""]
+    lines += ["## Each variant's report", ""]
+    lines += [f"- [{name}]({link})" for name, link in links.items()]
+    lines += ["", "Transfer matrices: " + ("evaluated for each variant (`--transfer`)." if transfer else
+                                            "skipped (the default for a sweep; `progressive report SWEEP --transfer` "
+                                            "evaluates one per variant)."), ""]
+    return "\n".join(lines).rstrip() + "\n"
