@@ -56,7 +56,9 @@ def test_report_of_a_requeued_slurm_run(slurm_cluster: None, slurm_jobs: Path, t
     assert t.allocated_s == pytest.approx(sum(a.elapsed_s for a in attempts), abs=len(attempts))
     assert t.queue_wait_s >= 5 * len(stops)  # each requeued attempt waited in the queue (cred_expire ~10 s)
     assert t.before_limit_s > 0  # stopped by the pre-timeout signal before the 1-minute limit
-    assert t.startup_s > 0 and t.shutdown_s > 0 and t.redone_steps == 0
+    # shutdown may be 0: sacct's End has 1 s resolution and a job often exits within the second of its
+    # last event (one run here: 2 segments, shutdown 0.0 s), so only its sign is checked.
+    assert t.startup_s > 0 and t.shutdown_s >= 0 and t.redone_steps == 0
     assert 0 < t.useful_s < t.allocated_s and acc.total.ratio == pytest.approx(t.useful_s / t.allocated_s)
     index = (jobs / "rq" / "report" / "index.md").read_text()
     assert "sacct --duplicates" in index and f"| segments | {len(starts)} | {len(starts)} |" in index
