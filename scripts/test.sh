@@ -11,4 +11,5 @@ bash scripts/setup.sh
 bash scripts/slurm-up.sh
 bash scripts/slurm-multinode-up.sh
 export PROGRESSIVE_REQUIRE_SLURM=1
-.venv/bin/python -m pytest "$@"
+# The slowest tests are listed at the end: CI must stay under 30 minutes, and this says where the time goes.
+.venv/bin/python -m pytest --durations=15 "$@"
