@@ -21,7 +21,7 @@ from progressive.errors import ProgressiveError
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "sum_all", "gather_to_rank0",
            "broadcast_from_rank0", "barrier", "rank_hosts"]
 
-_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DDP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def init_distributed(device_type: str, timeout_min: float = 30.0) -> DistInfo:
     rank, world, local = env_world()
     if world <= 1:
         return DistInfo()
-    missing = [k for k in _ENV if k not in os.environ and k != "LOCAL_RANK"]
+    missing = [k for k in DDP_ENV if k not in os.environ and k != "LOCAL_RANK"]
     if missing:
         raise ProgressiveError(f"WORLD_SIZE={world} but {', '.join(missing)} unset", loc="environment",
                                hint="launch with torchrun or the Slurm job wrapper, which set all of "

@@ -24,7 +24,16 @@ log = logging.getLogger("progressive.job")
 
 
 def _ddp_env(env: dict[str, Any]) -> None:
-    """Export torch.distributed's variables from Slurm's view of the allocation."""
+    """Set torch.distributed's variables from Slurm's view of the allocation, and from nothing else.
+
+    sbatch exports the submitting shell's environment: a RANK or WORLD_SIZE left there (a
+    notebook, a torchrun session, a test) must not make a single-task stage wait for peers
+    that do not exist, nor a multi-task one use the wrong rendezvous.
+    """
+    from progressive.distributed import DDP_ENV
+
+    for key in DDP_ENV:
+        os.environ.pop(key, None)
     if env["num_tasks"] <= 1:
         return
     os.environ.update({

@@ -72,12 +72,16 @@ def test_job_env_becomes_ddp_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from progressive import job
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        # setenv first, so that monkeypatch restores (removes) the key after the test: left in the
+        # environment, these would make every later Slurm job of this session try DDP (sbatch exports them).
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # inherited from the submitting shell through sbatch's --export=ALL
+    monkeypatch.setenv("MASTER_ADDR", "elsewhere")
     job._ddp_env({"num_tasks": 1, "global_rank": 0, "local_rank": 0, "hostnames": ["n1"], "job_id": "5"})
-    assert "WORLD_SIZE" not in os.environ  # one process: no DDP
+    assert "WORLD_SIZE" not in os.environ and "MASTER_ADDR" not in os.environ  # one process: no DDP
     job._ddp_env({"num_tasks": 4, "global_rank": 3, "local_rank": 1, "hostnames": ["n1", "n2"], "job_id": "41234"})
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == \
         ("3", "1", "4", "n1")
-    port = int(os.environ["MASTER_PORT"])
-    assert 20000 <= port < 40000
+    assert os.environ["MASTER_PORT"] == "21234"  # from the job id outside an allocation
