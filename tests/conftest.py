@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 TINY_SIZES = (16, 32, 64)
+# Per-test time caps (pytest-timeout; the default, 600 s, is in pyproject.toml). A hung test fails with every
+# thread's stack instead of eating the CI run's whole budget. Slurm tests wait on Slurm's states with their
+# own bounded waits (up to 1500 s for a stage cut by its time limit a few times): they get more.
+SLURM_TEST_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
+
 TINY_COUNTS = (30, 12, 6)
 
 
