@@ -13,6 +13,8 @@ TINY_SIZES = (16, 32, 64)
 SLURM_TEST_TIMEOUT_S = 1800
 
 
+# tryfirst: xdist's own hook reads the xdist_group marks to name the groups; ours must have added them.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slurm tests: a longer time cap, one xdist group per cluster, and first in line.
 
