@@ -13,22 +13,10 @@ TINY_SIZES = (16, 32, 64)
 SLURM_TEST_TIMEOUT_S = 1800
 
 
-# tryfirst: xdist's own hook reads the xdist_group marks to name the groups; ours must have added them.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slurm tests: a longer time cap, one xdist group per cluster, and first in line.
-
-    The README's test command runs two pytest-xdist workers (`-n 2 --dist loadgroup`): one takes the
-    single-node cluster's tests, which mostly wait on Slurm, while the other runs the CPU-bound rest and the
-    2-node cluster's tests. A group runs its tests one after another, in order, as a serial run does: two
-    tests never share a cluster. Putting the groups first hands the longest unit out at the start."""
     for item in items:
-        if item.get_closest_marker("slurm"):
-            if not item.get_closest_marker("timeout"):
-                item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
-            group = "slurm-2node" if "multinode_cluster" in getattr(item, "fixturenames", ()) else "slurm"
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: keeps each file's order
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
 
 TINY_COUNTS = (30, 12, 6)
 
