@@ -11,7 +11,9 @@ the trainer does, then:
 - times one evaluation (`task.evaluate` on `eval_samples` validation samples) and one
   full-state checkpoint save (to a temporary folder);
 - takes the job's start-up as this process's age once data, model and DDP are ready,
-  plus the warm-up steps' excess over a steady step;
+  plus the warm-up steps' excess over a steady step; and its exit as the time a process that
+  has imported what this one has (torch, torch._dynamo, the task) takes to end after its last
+  statement: torch's teardown alone is ~1 s, most of a seconds-long stage's estimate error;
 - with `find_batch_size`, searches the largest micro-batch that fits the memory budget.
 
 Peak memory: host RSS high-water mark (VmHWM) always; on GPU also the allocator's
@@ -34,6 +36,7 @@ import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +73,38 @@ def process_age_s() -> float | None:
         return max(0.0, time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")))
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+# Imports `sys.argv[1:]`, prints the time, ends: the parent times what is left (the interpreter's teardown).
+_EXIT_PROBE = ("import importlib, sys, time\n"
+               "for m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+               "sys.stdout.write(repr(time.time()))\n")
+
+
+def exit_cost_s(modules: Sequence[str], timeout_s: float = 120.0) -> float | None:
+    """Seconds a process that has imported `modules` takes to end after its last statement.
+
+    Measured on a probe subprocess (module names go in as arguments, never into the code); None
+    when the probe fails or times out, which the estimate then reports as not measured.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, *modules], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+        end = time.time()
+        return round(max(0.0, end - float(proc.stdout)), 3) if proc.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        return None
+
+
+def _loaded_heavy_modules(task: object) -> list[str]:
+    """What a stage's job has imported that costs time to tear down: torch (and its compiler stack,
+    which the optimizers import), and the task's own module."""
+    mods = ["torch"] + [m for m in ("torch._dynamo",) if m in sys.modules]
+    module = type(task).__module__
+    if module and module != "__main__":
+        mods.append(module)
+    return mods
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -355,6 +390,7 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
                 times.append(time.perf_counter() - t0)
             ckpt_s, ckpt_mb = min(times), path.stat().st_size / 2**20
     peak_rss = _vm_hwm_mb()
+    exit_s = exit_cost_s(_loaded_heavy_modules(bench.task)) if dist.is_main else None
 
     search = None
     if find_batch:
@@ -393,6 +429,7 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
         "gpu": {k: v for k, v in gpu.items() if k != "device_name"} if gpu else None,
         "ready_s": ready_s,
         "startup_s": (ready_s or 0.0) + warm_excess,
+        "exit_s": exit_s,
         "eval_s": eval_s,
         "eval_samples": eval_n,
         "checkpoint_s": ckpt_s,

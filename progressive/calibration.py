@@ -160,6 +160,7 @@ class StageEstimate:
     estimate_min: Optional[float] = None
     step_s: Optional[float] = None
     startup_s: Optional[float] = None
+    exit_s: Optional[float] = None  # each job's end after its last step (interpreter teardown); None: not measured
     segments: Optional[int] = None
     max_segments: int = 1
     peak_mem_mb: Optional[float] = None  # host, per node (ranks on a node add up)
@@ -202,6 +203,11 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
         # The mean, not the median: the rare slow step is a cost every epoch pays.
         est.step_s = float(entry["step_s"].get("mean", entry["step_s"]["median"]))
         est.startup_s = float(entry["startup_s"])
+        if isinstance(entry.get("exit_s"), (int, float)):
+            est.exit_s = float(entry["exit_s"])
+        else:
+            est.notes.append("each job's exit (interpreter teardown, ~1 s with torch) was not measured: "
+                             "re-run progressive calibrate")
         train_s = stage.total_steps * est.step_s
         eval_s = float(entry["eval_s"]) if stage.train.eval_samples > 0 else 0.0
         ckpt_s = float(entry["checkpoint_s"])
@@ -214,7 +220,9 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
             segs = max(1, math.ceil(work / usable_s))
             work += (segs - 1) * ckpt_s  # each time-out saves once more
             est.segments = max(1, math.ceil(work / usable_s))
-            est.estimate_min = round((work + est.segments * est.startup_s) / 60.0, 2)
+            # Start-up and exit are paid once per job; the exit comes after the time-out's save, inside
+            # signal_delay, so it lengthens the run but not a segment's training time.
+            est.estimate_min = round((work + est.segments * (est.startup_s + (est.exit_s or 0.0))) / 60.0, 2)
         est.peak_mem_mb = round(float(entry["peak_rss_mb"]) * stage.slurm.tasks_per_node, 1)
         gpu = entry.get("gpu") or {}
         if isinstance(gpu.get("device_used_mb"), (int, float)):

@@ -80,6 +80,19 @@ def test_estimate_adds_steps_eval_checkpoints_and_startup(tmp_path: Path, tiny_d
     expected = st.total_steps * 0.1 + 1.0 + 2 * 0.5 + 5.0
     assert est.estimate_min == pytest.approx(expected / 60, abs=0.01)
     assert est.peak_mem_mb == 500.0 and est.mem_request_mb == 2048
+    assert est.exit_s is None and any("exit" in n and "not measured" in n for n in est.notes)
+    # a measured exit (interpreter teardown) is paid once per job, like the start-up
+    with_exit = estimate(plan, st, entry(plan, "a", exit_s=3.0))
+    assert with_exit.exit_s == 3.0 and not any("not measured" in n for n in with_exit.notes)
+    assert with_exit.estimate_min == pytest.approx((expected + 3.0) / 60, abs=0.01)
+
+
+def test_exit_cost_is_measured_on_a_probe_and_none_when_it_fails() -> None:
+    from progressive.calibrate import exit_cost_s
+
+    torch_exit = exit_cost_s(["torch"])
+    assert torch_exit is not None and 0 < torch_exit < 60
+    assert exit_cost_s(["no_such_module_for_progressive"]) is None
 
 
 def test_segments_against_requeues_are_flagged(tmp_path: Path, tiny_dataset: Path) -> None:
@@ -175,6 +188,7 @@ def test_calibrate_local_then_plan_shows_estimates(tmp_path: Path, tiny_dataset:
     assert a["step_s"]["p10"] <= a["step_s"]["median"] <= a["step_s"]["p90"]
     assert a["peak_rss_mb"] >= a["peak_train_rss_mb"] > 50  # a torch process: tens of MB at least
     assert a["startup_s"] > 0 and a["eval_samples"] == 1 and a["checkpoint_mb"] > 0
+    assert 0 < a["exit_s"] < 60
     assert a["gpu"] is None and a["batch_search"] is None
 
     stages = plan_json(cfg)

@@ -127,7 +127,7 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
 
     t = Table(header_style="bold")
     for col in ("stage", "device", "s/step mean", "median (p10-p90)", "worst s/step", "samples/s", "peak RSS", "GPU used",
-                "eval", "checkpoint", "start-up", "batch fits"):
+                "eval", "checkpoint", "start-up", "exit", "batch fits"):
         t.add_column(col, justify="left" if col in ("stage", "device") else "right")
     for name, e in entries.items():
         s, w = e["step_s"], e["worst_step_s"]
@@ -139,5 +139,6 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
         t.add_row(name, str(e.get("device_name", e.get("device"))),
                   f"{s['mean']:.3g}", f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",
                   f"{e['samples_per_s']:.1f}", _mb(e["peak_rss_mb"]), _mb(gpu.get("device_used_mb")),
-                  f"{e['eval_s']:.2f}s", f"{e['checkpoint_s']:.2f}s", f"{e['startup_s']:.1f}s", fits)
+                  f"{e['eval_s']:.2f}s", f"{e['checkpoint_s']:.2f}s", f"{e['startup_s']:.1f}s",
+                  f"{e['exit_s']:.1f}s" if isinstance(e.get("exit_s"), (int, float)) else "-", fits)
     console().print(t)
