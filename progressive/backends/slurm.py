@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from progressive.backends.base import Backend, JobInfo
 from progressive.errors import RunError, SlurmError
@@ -231,20 +231,21 @@ def query(job_ids: Sequence[str]) -> dict[str, JobInfo]:
     return infos
 
 
-def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
-    fields = "JobID,State,Reason,Elapsed"
-    try:
-        out = run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "--format", fields], timeout=20)
-    except SlurmError:
-        return {}  # accounting off or slurmdbd down: fall back
-    infos: dict[str, JobInfo] = {}
+def parse_rows(out: str, source: str) -> Iterator[JobInfo]:
+    """JobInfos from `JobID|State|Reason|Elapsed` rows (sacct -P, or squeue -o "%i|%T|%r|%M")."""
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) < 4 or parts[0] not in ids:
-            continue
-        jid, st, reason, elapsed = parts[:4]
-        infos[jid] = _info(jid, st, reason, elapsed, "sacct")
-    return infos
+        if len(parts) >= 4:
+            jid, st, reason, elapsed = parts[:4]
+            yield _info(jid, st, reason, elapsed, source)
+
+
+def _from_sacct(ids: Sequence[str]) -> dict[str, JobInfo]:
+    try:
+        out = run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "--format", "JobID,State,Reason,Elapsed"], timeout=20)
+    except SlurmError:
+        return {}  # accounting off or slurmdbd down: fall back
+    return {i.job_id: i for i in parse_rows(out, "sacct") if i.job_id in ids}
 
 
 def _from_squeue(ids: Sequence[str]) -> dict[str, JobInfo]:
@@ -252,14 +253,7 @@ def _from_squeue(ids: Sequence[str]) -> dict[str, JobInfo]:
         out = run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r|%M"], timeout=20)
     except SlurmError:
         return {}  # squeue errors for ids that have left the queue
-    infos: dict[str, JobInfo] = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4 or parts[0] not in ids:
-            continue
-        jid, st, reason, elapsed = parts[:4]
-        infos[jid] = _info(jid, st, reason, elapsed, "squeue")
-    return infos
+    return {i.job_id: i for i in parse_rows(out, "squeue") if i.job_id in ids}
 
 
 def _scontrol_fields(job_id: str) -> dict[str, str]:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from progressive.plan import StagePlan
 from progressive.backends.base import JobInfo
-from progressive.backends.slurm import run
-from progressive.states import from_slurm
-from progressive.units import hms
+from progressive.backends.slurm import parse_rows, run
 
 # The small jobs (prune decisions, the final summary) ask for little and finish in seconds.
 SMALL_JOB_MIN = 10
@@ -174,22 +173,12 @@ def query_tasks(array_ids: Sequence[str]) -> dict[str, JobInfo]:
 
 
 def _parse_rows(out: str, infos: dict[str, JobInfo], source: str) -> None:
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4:
-            continue
-        jid, st, reason, elapsed = parts[:4]
-        reason = "" if reason in ("None", "(null)") else reason
-        m = _TASK_RE.match(jid)
-        if m:
-            infos[jid] = JobInfo(job_id=jid, state=from_slurm(st, reason), native_state=st, reason=reason,
-                                 elapsed=hms(elapsed), source=source)
-            continue
-        m = _PACKED_RE.match(jid)
-        if m:
+    for info in parse_rows(out, source):
+        if _TASK_RE.match(info.job_id):
+            infos[info.job_id] = info
+        elif m := _PACKED_RE.match(info.job_id):  # "123_[4-7]": pending tasks not yet split out
             for t in _expand(m.group(2)):
-                infos[f"{m.group(1)}_{t}"] = JobInfo(job_id=f"{m.group(1)}_{t}", state=from_slurm(st, reason), native_state=st,
-                                                     reason=reason, elapsed=hms(elapsed), source=source)
+                infos[f"{m.group(1)}_{t}"] = dataclasses.replace(info, job_id=f"{m.group(1)}_{t}")
 
 
 def usage(array_ids: Sequence[str]) -> dict[str, tuple[float, float, float]]:
