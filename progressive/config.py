@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from progressive.errors import ConfigError
 from progressive.units import MEM_FORMATS, TIME_FORMATS, parse_duration_min, parse_mem_mb, parse_seconds
@@ -323,22 +324,24 @@ def _config_error(exc: ValidationError, raw: dict[str, Any], source: str) -> Con
     if isinstance(ctx_err, _GraphIssue):
         return ConfigError(ctx_err.msg, loc=f"{source}: {_stage_label(raw, ctx_err.index)}.{ctx_err.key}", hint=ctx_err.hint)
     loc = list(err["loc"])
-    where = _where(raw, loc)
-    kind = err["type"]
+    return table_error(err, f"{source}: {_where(raw, loc)}", _model_at(loc[:-1]))
+
+
+def table_error(err: ErrorDetails, where: str, table: type[BaseModel] | None) -> ConfigError:
+    """One Pydantic error as a ConfigError at `where`: an unknown key with the close match and the
+    valid keys of `table`, a missing key, or the message with the value given and a fix."""
+    kind, key = err["type"], str(err["loc"][-1]) if err["loc"] else ""
     if kind == "extra_forbidden":
-        table_model = _model_at(loc[:-1])
-        valid = sorted(table_model.model_fields) if table_model else []
-        key = str(loc[-1])
+        valid = sorted(table.model_fields) if table else []
         close = difflib.get_close_matches(key, valid, n=1)
         hint = (f"did you mean {close[0]!r}? " if close else "") + f"valid keys: {', '.join(valid)}"
-        return ConfigError(f"unknown key {key!r}", loc=f"{source}: {where}", hint=hint)
+        return ConfigError(f"unknown key {key!r}", loc=where, hint=hint)
     if kind == "missing":
-        return ConfigError("required key is missing", loc=f"{source}: {where}",
-                           hint=f"add `{loc[-1]} = ...` to this table")
+        return ConfigError("required key is missing", loc=where, hint=f"add `{key} = ...` to this table")
     msg = err["msg"].removeprefix("Value error, ")
     if kind in _SHOW_INPUT or kind.endswith(("_type", "_parsing")):
         msg = f"{msg} (got {err.get('input')!r})"
-    return ConfigError(msg, loc=f"{source}: {where}", hint=_hint(kind, msg))
+    return ConfigError(msg, loc=where, hint=_hint(kind, msg))
 
 
 # How to fix each kind of Pydantic error; value errors are told apart by their message.

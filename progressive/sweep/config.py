@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from progressive.config import GraphConfig, ModelConfig, RunConfig, SlurmConfig, StageConfig, TrainConfig, validate_name
+from progressive.config import (GraphConfig, ModelConfig, RunConfig, SlurmConfig, StageConfig, TrainConfig, table_error,
+                                validate_name)
 from progressive.errors import ConfigError
 
 METHODS = ("grid", "random", "tpe")
@@ -185,18 +186,7 @@ def _sweep_error(exc: ValidationError, source: str) -> ConfigError:
                            hint="a parameter is a list of choices, e.g. [1e-3, 3e-3], or a range "
                                 "{ low = 2, high = 8, type = \"int\" } (keys: low, high, type, log)")
     where = "[" + ".".join(loc[:-1]) + "]." + loc[-1] if len(loc) > 1 else (f"[{loc[0]}]" if loc else "(top level)")
-    if err["type"] == "extra_forbidden":
-        table = _TABLES.get(tuple(loc[:-1]))
-        valid = sorted(table.model_fields) if table else []
-        close = difflib.get_close_matches(loc[-1], valid, n=1)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + f"valid keys: {', '.join(valid)}"
-        return ConfigError(f"unknown key {loc[-1]!r}", loc=f"{source}: {where}", hint=hint)
-    if err["type"] == "missing":
-        return ConfigError("required key is missing", loc=f"{source}: {where}", hint=f"add `{loc[-1]} = ...` to this table")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "literal_error" or err["type"].endswith(("_type", "_parsing")) or err["type"].startswith(("greater", "less")):
-        msg = f"{msg} (got {err.get('input')!r})"
-    return ConfigError(msg, loc=f"{source}: {where}", hint=None if err["type"] != "literal_error" else "use one of the values listed above")
+    return table_error(err, f"{source}: {where}", _TABLES.get(tuple(loc[:-1])))
 
 
 # ------------------------------------------------------------------ parameter names against the graph
