@@ -23,6 +23,7 @@ from progressive.backends.local import LocalBackend
 from progressive.layout import FINAL_NAME, is_complete
 from progressive.metrics import last_step_metrics, tail_objects
 from progressive.record import RunRecord
+from progressive.status import stage_state
 from progressive.sweep.record import SweepRecord
 
 SUMMARY_FILE = "summary.csv"
@@ -64,29 +65,22 @@ def stage_states(rec: SweepRecord, runs: dict[str, RunRecord] | None = None) -> 
     out: dict[str, dict[str, tuple[str, Optional[str]]]] = {}
     for v in rec.variants:
         run = runs[v.name]
+        # The local backend sees a runner that died without a word as stopped, not running.
+        local = LocalBackend().query(run) if rec.mode == "local" else {}
         out[v.name] = {}
         for st in run.plan.stages:
             srec = run.stages.get(st.name)
             job = srec.job_id if srec else None
-            if is_complete(st.final_checkpoint):
-                state = "completed"
-            elif v.pruned_after:
+            info = local.get(st.name) if rec.mode == "local" else (infos.get(job) if job else None)
+            if v.pruned_after and not is_complete(st.final_checkpoint):
                 state = "pruned"
-            elif rec.mode == "local":
-                # The local backend sees a runner that died without a word as stopped, not running.
-                local = LocalBackend().query(run).get(st.name)
-                state = local.state.value if local else "not started"
-            elif job is None:
-                state = "not submitted"
-            elif job not in infos:
+            elif rec.mode == "slurm" and job and info is None and "_" in job \
+                    and any(k.startswith(job.split("_")[0] + "_") for k in infos):
                 # Slurm keeps no record of a pending array task cancelled before it was split off
                 # from its array; if Slurm knows the array but not the task, the task never ran.
-                array = job.split("_")[0]
-                state = "cancelled" if "_" in job and any(k.startswith(array + "_") for k in infos) else "unknown"
+                state = "cancelled"
             else:
-                state = infos[job].state.value
-                if state == "completed":  # Slurm says done, no final weights: the stage did not finish
-                    state = "failed"
+                state = stage_state(run, st, info).value  # the one reading of a stage's state, as `status`
             out[v.name][st.name] = (state, job)
     return out
 
