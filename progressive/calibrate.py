@@ -52,7 +52,9 @@ from progressive.distributed import DistInfo, gather_to_rank0, init_distributed,
 from progressive.metrics import peak_memory_mb
 from progressive.plan import Plan, StagePlan
 from progressive.task import Task, load_task
-from progressive.trainer import resolve_precision
+from progressive.data.loader import ResumableSampler
+from progressive.train_state import TrainParts
+from progressive.trainer import apply_step, make_optimizer, resolve_precision
 
 __all__ = ["measure_stage", "calibration_job", "process_age_s", "spread", "fit_batch_size", "main"]
 
@@ -166,12 +168,10 @@ class _Bench:
                                             if amp_dtype is not None else contextlib.nullcontext)
         torch.manual_seed(plan.seed)
         self.raw_model = self.task.build_model().to(dev)
-        decay = [p for p in self.raw_model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.raw_model.parameters() if p.requires_grad and p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
-        self.gen = torch.Generator(device=dev).manual_seed(plan.seed + dist.rank)
+        self.parts = TrainParts(model=self.raw_model, optimizer=make_optimizer(self.raw_model, tc),
+                                scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
+                                sampler=ResumableSampler(self.n_train, seed=plan.seed),
+                                loss_gen=torch.Generator(device=dev).manual_seed(plan.seed + dist.rank))
         self.model: torch.nn.Module = self.raw_model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -215,28 +215,15 @@ class _Bench:
         Included, as in the trainer's wall time: reading the data, and the per-step metrics line
         (peak memory read, one JSON line written and flushed to the run's folder).
         """
-        tc, dev = self.stage.train, self.dev
         t0 = time.perf_counter()
         total = sum(len(m) for m in micro)
-        loss_sum = torch.zeros((), device=dev)
-        for i, ids in enumerate(micro):
-            batch = self.task.to_device(self.task.collate([self.train_ds[j] for j in ids]), dev)
-            sync = (contextlib.nullcontext() if not self.dist.enabled or i == len(micro) - 1
-                    else self.model.no_sync())  # type: ignore[operator]
-            with sync:
-                with self.autocast():
-                    loss = self.task.loss(self.model, batch, self.gen)
-                weighted = loss * (len(ids) / total)
-                self.scaler.scale(weighted).backward()
-            loss_sum += weighted.detach().float()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.clip_grad_norm or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        batches = ((self.task.to_device(self.task.collate([self.train_ds[j] for j in ids]), self.dev), len(ids))
+                   for ids in micro)
+        loss_sum, _ = apply_step(self.task, self.model, self.parts, batches, len(micro), total, self.autocast,
+                                 self.stage.train.clip_grad_norm, self.dev)
         loss_v = float(loss_sum)  # the trainer reads the loss every step: the same device sync
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"event": "step", "loss": loss_v, "peak_mem_mb": peak_memory_mb(dev),
+            self.metrics.write(json.dumps({"event": "step", "loss": loss_v, "peak_mem_mb": peak_memory_mb(self.dev),
                                            "time": time.time()}) + "\n")
             self.metrics.flush()
         return time.perf_counter() - t0
@@ -244,9 +231,9 @@ class _Bench:
     def state(self) -> dict[str, Any]:
         """A full trainer state, as a periodic checkpoint holds it."""
         return {"format": FORMAT, "kind": "state", "stage": self.stage.name, "fingerprint": dict(self.stage.fingerprint),
-                "step": 0, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng": [capture_rng(self.gen)], "torch_version": str(torch.__version__)}
+                "step": 0, "model": self.raw_model.state_dict(), "optimizer": self.parts.optimizer.state_dict(),
+                "scaler": self.parts.scaler.state_dict() if self.parts.scaler.is_enabled() else None,
+                "rng": [capture_rng(self.parts.loss_gen)], "torch_version": str(torch.__version__)}
 
 
 # --------------------------------------------------------------------------- memory
@@ -281,7 +268,7 @@ def _peak_at(bench: _Bench, batch: int) -> float | None:
         try:
             bench.step(bench.largest_batches(batch))
         except torch.cuda.OutOfMemoryError:
-            bench.optimizer.zero_grad(set_to_none=True)
+            bench.parts.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             return None
         return torch.cuda.max_memory_reserved(dev) / 2**20

@@ -29,7 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -51,6 +51,7 @@ from progressive.distributed import (
 from progressive.errors import ConfigError, DataError
 from progressive.layout import TENSORBOARD_DIR
 from progressive.metrics import MetricsWriter, peak_memory_mb
+from progressive.config import TrainConfig
 from progressive.plan import Plan, StagePlan, steps_per_epoch
 from progressive.signals import job_signals
 from progressive.task import Task, load_task
@@ -290,6 +291,14 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
 # --------------------------------------------------------------------------- set-up and restore
 
 
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases and norms)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+
+
 def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _Job:
     """Task, data, step counts, precision, model, optimizer, sampler and loader, all fresh."""
     tc, loc = stage.train, f"stage {stage.name!r}"
@@ -310,11 +319,7 @@ def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _
 
     torch.manual_seed(plan.seed)  # every rank builds identical initial weights
     model = task.build_model().to(dev)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
-    parts = TrainParts(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
+    parts = TrainParts(model=model, optimizer=make_optimizer(model, tc), scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
                        sampler=ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size),
                        loss_gen=torch.Generator(device=dev).manual_seed(_seed(plan.seed, stage.name, "loss", dist.rank)))
     # Per-rank streams for anything random beyond the loss (dropout, augmentation in a user's task).
@@ -398,6 +403,33 @@ def _next_batch(job: _Job, batches: Iterator[Any], size: int, i: int, step: int)
     return job.task.to_device(batch, job.dev)
 
 
+def apply_step(task: Task, model: torch.nn.Module, parts: TrainParts, micro: Iterable[tuple[Any, int]], n_micro: int,
+               total: int, autocast: Callable[[], Any], clip: float | None, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The core of an optimizer step: accumulate the gradients of `n_micro` (batch on the device, samples)
+    micro-batches, weighted by samples; unscale, clip, apply, zero. Returns (weighted loss sum, grad norm).
+
+    Shared with `progressive.calibrate`, so what calibration times is what the trainer runs.
+    """
+    loss_sum = torch.zeros((), device=dev)
+    for i, (batch, size) in enumerate(micro):
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        last = i == n_micro - 1
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss = task.loss(model, batch, parts.loss_gen)
+            # Weight by samples so a short last micro-batch counts for what it holds.
+            weighted = loss * (size / total)
+            parts.scaler.scale(weighted).backward()
+        loss_sum += weighted.detach().float()
+    parts.scaler.unscale_(parts.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip or float("inf"))
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 def _train_step(job: _Job, model: torch.nn.Module, batches: Iterator[Any], state: TrainState) -> _StepDone:
     """One optimizer step: accumulate its micro-batches' gradients, clip, apply; advances `state.step`."""
     tc, parts = job.stage.train, job.parts
@@ -408,24 +440,9 @@ def _train_step(job: _Job, model: torch.nn.Module, batches: Iterator[Any], state
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
 
-    loss_sum = torch.zeros((), device=job.dev)
-    for i, size in enumerate(sizes):
-        batch = _next_batch(job, batches, size, i, state.step)
-        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-        last = i == len(sizes) - 1
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with sync:
-            with job.autocast():
-                loss = job.task.loss(model, batch, parts.loss_gen)
-            # Weight by samples so a short last micro-batch counts for what it holds.
-            weighted = loss * (size / sum(sizes))
-            parts.scaler.scale(weighted).backward()
-        loss_sum += weighted.detach().float()
-    parts.scaler.unscale_(parts.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), tc.clip_grad_norm or float("inf"))
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
+    micro = ((_next_batch(job, batches, size, i, state.step), size) for i, size in enumerate(sizes))
+    loss_sum, grad_norm = apply_step(job.task, model, parts, micro, len(sizes), sum(sizes), job.autocast,
+                                     tc.clip_grad_norm, job.dev)
     state.step += 1
     return _StepDone(epoch=epoch, lr=lr, samples=sum(sizes), loss_sum=loss_sum, grad_norm=grad_norm, t0=t0)
 
