@@ -26,7 +26,9 @@ run() {
   echo "[$name] pytest exit code $rc"
   return "$rc"
 }
-run slurm -m slurm --durations=15 "$@" &
+# The Slurm run names each test as it ends (--verbosity after "$@" wins over CI's -q): 21 dots would
+# only show up, as one line, when the last of them ends.
+run slurm -m slurm --durations=15 "$@" --verbosity=1 &
 slurm_run=$!
 run rest -m "not slurm" --durations=10 "$@" &
 rest_run=$!
