@@ -63,6 +63,13 @@ def test_random_sweep_with_pruning_and_subset(tiny_dataset: Path, tmp_path: Path
         assert not (tmp_path / "checkpoints" / "r" / v["name"] / "s32").exists()  # never started
     kept = [rows[n] for n in decision["kept"]]
     assert all(r["state"] == "completed" and r["final.learned_iters"] for r in kept)
+    # wall_s counts each stage process's set-up, evaluation and saves, not only its optimizer steps.
+    for r in kept:
+        steps_s = 0.0
+        for st in ("s16", "s32"):
+            lines = (sweep_dir / r["variant"] / "stages" / st / "metrics.jsonl").read_text().splitlines()
+            steps_s += max(json.loads(x).get("elapsed_s") or 0.0 for x in lines)
+        assert float(r["wall_s"]) > steps_s > 0, (r["wall_s"], steps_s)
     # best/: the best kept variant's final weights and its parameters and metrics.
     best = json.loads((sweep_dir / "best" / "best.json").read_text())
     winner = min(kept, key=lambda r: (float(r["final.learned_iters"]), r["variant"]))

@@ -136,7 +136,7 @@ def read_run(rec: RunRecord) -> RunData:
         data = StageData(name=st.name, index=st.index, bucket=st.bucket, total_steps=st.total_steps,
                          complete=Path(st.final_checkpoint).is_file(),
                          job_ids=[s.job_id for s in rec.stages[st.name].submissions] if st.name in rec.stages else [])
-        _fill(data, read_metrics(st.metrics_path))
+        fill_stage(data, read_metrics(st.metrics_path))
         stages.append(data)
     if not any(s.segments for s in stages):
         raise RunError(f"run {rec.run_name!r} has no metrics yet: no stage has started training", loc=str(rec.run_dir),
@@ -144,7 +144,7 @@ def read_run(rec: RunRecord) -> RunData:
     return RunData(rec.run_name, rec.mode, rec.run_dir, stages)
 
 
-def _fill(stage: StageData, events: list[dict[str, Any]]) -> None:
+def fill_stage(stage: StageData, events: list[dict[str, Any]]) -> None:
     """Split a stage's events into segments and steps (events before the first `start` are ignored)."""
     seen: dict[int, float] = {}  # step -> elapsed_s, over earlier segments: where a resume restarts the clock
     max_seen = 0

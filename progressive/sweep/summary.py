@@ -21,8 +21,10 @@ from progressive import atomic, record
 from progressive.errors import RunError
 from progressive.backends.local import LocalBackend
 from progressive.layout import FINAL_NAME, is_complete
-from progressive.metrics import last_step_metrics, tail_objects
+from progressive.metrics import read_metrics, tail_objects
 from progressive.record import RunRecord
+from progressive.report.accounting import account_local
+from progressive.report.data import StageData, fill_stage
 from progressive.status import stage_state
 from progressive.sweep.record import SweepRecord
 
@@ -140,7 +142,10 @@ def rows(rec: SweepRecord) -> list[VariantRow]:
             if ev:
                 evals[st.name] = ev
             if rec.mode == "local":
-                secs = float((ev or {}).get("elapsed_s") or (last_step_metrics(st.metrics_path) or {}).get("elapsed_s") or 0)
+                # Each process's life, as `report` counts it: set-up, steps, evaluation and saves, not only steps.
+                data = StageData(name=st.name, index=st.index, bucket=st.bucket, total_steps=st.total_steps, complete=False)
+                fill_stage(data, read_metrics(st.metrics_path))
+                secs = account_local(data).allocated_s
                 wall += secs
                 cpu_h += secs * st.slurm.cpus_per_task * st.world_size / 3600
             else:
