@@ -89,7 +89,7 @@ def bench_graph(root: Path, name: str, epochs_factor: int, steps: int) -> list[d
         rows.append({"graph": name, "stage": st["name"], "steps": st["total_steps"], "estimate_s": st["estimate_min"] * 60,
                      "wall_s": wall, "est_mem_mb": st["peak_mem_mb"], "rss_mb": rss, "segments": st["segments"],
                      "calibrate_s": calib_s, "step_s": e["step_s"]["mean"], "p90": e["step_s"]["p90"],
-                     "startup_s": e["startup_s"], "train_s": statistics.median(
+                     "startup_s": e["startup_s"], "exit_s": e.get("exit_s"), "train_s": statistics.median(
                          train_seconds(folder / "jobs" / r / "stages" / st["name"]) for r in runs),
                      "walls": [m[0] for m in measured]})
         print(f"{name} {st['name']}: estimate {rows[-1]['estimate_s']:.1f}s vs {wall:.1f}s; "
@@ -118,21 +118,22 @@ def main(argv: list[str]) -> int:
              "real run's summed step times). "
              "Goal: estimate within 15% of the measured wall time (ratio 0.85-1.15); memory: the calibrated peak RSS "
              "against the real process's peak RSS.", "",
-             "| graph | stage | steps | s/step mean (p90) | start-up | estimate | measured wall: median (runs) | ratio | "
+             "| graph | stage | steps | s/step mean (p90) | start-up | exit | estimate | measured wall: median (runs) | ratio | "
              "est. train | real train | ratio | est. peak RSS | measured peak RSS | ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         est_train = r["steps"] * r["step_s"]
         lines.append(f"| {r['graph']} | {r['stage']} | {r['steps']} | {r['step_s']:.4f} ({r['p90']:.4f}) | "
-                     f"{r['startup_s']:.1f} s | {r['estimate_s']:.1f} s | {r['wall_s']:.1f} s | "
+                     f"{r['startup_s']:.1f} s | {r['exit_s'] or 0:.1f} s | {r['estimate_s']:.1f} s | {r['wall_s']:.1f} s | "
                      f"{r['estimate_s'] / r['wall_s']:.2f} | {est_train:.1f} s | {r['train_s']:.1f} s | "
                      f"{est_train / r['train_s']:.2f} | {r['est_mem_mb']:.0f} MB | {r['rss_mb']:.0f} MB | "
                      f"{r['est_mem_mb'] / r['rss_mb']:.2f} |")
     ok_t = [abs(r["estimate_s"] / r["wall_s"] - 1) <= 0.15 for r in rows]
     ok_m = [abs(r["est_mem_mb"] / r["rss_mb"] - 1) <= 0.15 for r in rows]
-    lines += ["", "Known bias: the measured start-up is that of a bare measuring process (imports, data, model); "
-              "a real `submit --local` also builds the plan, writes the run record, draws its progress bar and exits, "
-              "about 0.5-1 s more, which is most of these seconds-long stages' error. Under heavy load from other "
+    lines += ["", "Per job, the estimate counts the measured start-up (the measuring process's age once data, model "
+              "and optimizer are ready) and exit (a probe process with the same heavy imports, timed from its last "
+              "statement to its end: torch's teardown). What it does not count: `submit --local`'s own work before "
+              "the stage (CLI, plan, run record, progress bar), a fraction of a second. Under heavy load from other "
               "processes the step times (hence the estimate) move by up to 2x between minutes: calibrate on a quiet "
               "node, as a Slurm job of the stage's own allocation does.",
               "", f"Load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine).",
