@@ -11,8 +11,8 @@ bash scripts/setup.sh
 bash scripts/slurm-up.sh
 bash scripts/slurm-multinode-up.sh
 export PROGRESSIVE_REQUIRE_SLURM=1
-# Two pytest runs side by side: the Slurm tests (21 of them, ~18 min, mostly waiting on Slurm: time limits,
-# credential expiry), one at a time on the clusters, beside the ~390 CPU-bound others (~7 min). Each line
+# Two pytest runs side by side: the Slurm tests (21 of them, ~20 min, mostly waiting on Slurm: time limits,
+# credential expiry), one at a time on the clusters, beside the ~390 CPU-bound others (~7 min, measured). Each line
 # says which run it comes from; each run lists its slowest tests (CI must stay under 30 minutes). Arguments
 # go to both runs. (pytest-xdist's loadgroup would do this in one process, but with pytest 9.2 its groups
 # are silently ignored: both workers ran Slurm tests at once.)
