@@ -48,16 +48,26 @@ class _SymSpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.a = a  # a sparse constant, not a differentiable input: kept by reference
-        return a @ x
+        with fp32(x):
+            return a @ x.float()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
-        return None, ctx.a @ grad
+        # Under autocast the incoming gradient may be bf16/fp16 (from the half-precision layer that
+        # consumed Y); the sparse kernels have fp32 only, so the product is taken in fp32.
+        with fp32(grad):
+            return None, ctx.a @ grad.float()
+
+
+def fp32(t: torch.Tensor) -> Any:
+    """Autocast off on `t`'s device: sparse CSR kernels exist for fp32 only (addmm_out_sparse_csr has
+    no bf16/fp16 on CPU, cuSPARSE's products lose their accuracy in half), so sparse work leaves autocast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def sym_spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A @ X for a sparse CSR symmetric A (no gradient to A), in float32 even under autocast."""
-    return _SymSpMM.apply(a, x.float())
+    return _SymSpMM.apply(a, x)
 
 
 # --------------------------------------------------------------------------- the graph of a batch
@@ -192,11 +202,23 @@ def lower_matvec(f: LowerFactor, x: torch.Tensor, *, transpose: bool = False) ->
 
 
 def sketched_loss(f: LowerFactor, g: Graph, z: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch's matrices of ||(L L^T - Ã) Z||_F / ||Ã Z||_F, for sketch vectors Z (n, k)."""
-    az = g.a_scaled @ z
-    resid = lower_matvec(f, lower_matvec(f, z, transpose=True)) - az
-    num = torch.zeros(g.num_graphs, device=z.device, dtype=resid.dtype).index_add_(0, g.node_graph, resid.square().sum(1))
-    den = torch.zeros(g.num_graphs, device=z.device, dtype=az.dtype).index_add_(0, g.node_graph, az.square().sum(1))
+    """Mean over the batch's matrices of ||(L L^T - Ã) Z||_F / ||Ã Z||_F, for sketch vectors Z (n, k).
+
+    Always in fp32, autocast or not: the sparse product has no half kernels, and the residual is a
+    difference of nearly equal terms that half precision would round away.
+    """
+    with fp32(z):
+        z = z.float()
+        f = LowerFactor(f.row, f.col, f.val.float(), f.n)
+        az = g.a_scaled @ z
+        resid = lower_matvec(f, lower_matvec(f, z, transpose=True)) - az
+        return _relative_norm(resid, az, g)
+
+
+def _relative_norm(resid: torch.Tensor, az: torch.Tensor, g: Graph) -> torch.Tensor:
+    """Mean over the batch's matrices of ||resid|| / ||az||."""
+    num = torch.zeros(g.num_graphs, device=az.device, dtype=resid.dtype).index_add_(0, g.node_graph, resid.square().sum(1))
+    den = torch.zeros(g.num_graphs, device=az.device, dtype=az.dtype).index_add_(0, g.node_graph, az.square().sum(1))
     return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).sqrt().mean()
 
 
