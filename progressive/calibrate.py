@@ -29,8 +29,6 @@ memory high-water mark and start-up), `calibration_job` (the Slurm job's functio
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import math
 import os
@@ -48,13 +46,14 @@ import torch
 
 from progressive.calibration import CalibrationError, stage_key
 from progressive.checkpoint import FORMAT, capture_rng, save_atomic
-from progressive.distributed import DistInfo, gather_to_rank0, init_distributed, shutdown_distributed
+from progressive.devices import autocast_for, bf16_supported, pick_device, resolve_precision, set_numerics, visible_gpus
+from progressive.distributed import DistInfo, env_world, gather_to_rank0, init_distributed, shutdown_distributed
 from progressive.metrics import peak_memory_mb
 from progressive.plan import Plan, StagePlan
 from progressive.task import Task, load_task
 from progressive.data.loader import ResumableSampler
 from progressive.train_state import TrainParts
-from progressive.trainer import apply_step, make_optimizer, resolve_precision
+from progressive.trainer import apply_step, make_optimizer
 
 __all__ = ["measure_stage", "calibration_job", "process_age_s", "spread", "fit_batch_size", "main"]
 
@@ -163,20 +162,22 @@ class _Bench:
         if self.n_train == 0:
             raise CalibrationError(f"bucket n={stage.bucket} has no training samples", loc=f"stage {stage.name!r}")
         self.task.collate([self.train_ds[0]])  # the first access loads an in-memory bucket: part of start-up
-        self.precision, amp_dtype, use_scaler = resolve_precision(tc.precision, dev)
-        self.autocast: Callable[[], Any] = (functools.partial(torch.autocast, dev.type, dtype=amp_dtype)
-                                            if amp_dtype is not None else contextlib.nullcontext)
+        # Numerics, precision and DDP as the trainer sets them: what is timed is what will run.
+        set_numerics(dev, tc)
+        self.precision = resolve_precision(tc.precision, dev.type, bf16_supported(dev))
+        self.autocast: Callable[[], Any] = autocast_for(self.precision, dev)
         torch.manual_seed(plan.seed)
         self.raw_model = self.task.build_model().to(dev)
         self.parts = TrainParts(model=self.raw_model, optimizer=make_optimizer(self.raw_model, tc),
-                                scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
+                                scaler=torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16"),
                                 sampler=ResumableSampler(self.n_train, seed=plan.seed),
                                 loss_gen=torch.Generator(device=dev).manual_seed(plan.seed + dist.rank))
         self.model: torch.nn.Module = self.raw_model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.model = DDP(self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                             find_unused_parameters=True)  # as the trainer's (fixed buckets), and so its cost
         # Samples by size, largest first: the worst case an epoch meets.
         nnz = getattr(self.train_ds, "nnz_offsets", None)
         if nnz is not None:
@@ -260,10 +261,23 @@ def _gpu_memory(dev: torch.device) -> dict[str, Any] | None:
             "device_name": torch.cuda.get_device_name(dev)}
 
 
+def gpu_memory_available_mb(dev: torch.device) -> float:
+    """What this process may still use on `dev`: the device's free memory plus what our allocator holds.
+
+    Not the total: other processes (another rank on the same GPU, the display, MPS) use some of it.
+    """
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(dev)
+    return (free + torch.cuda.memory_reserved(dev)) / 2**20
+
+
 def _peak_at(bench: _Bench, batch: int) -> float | None:
     """Peak memory (MB) of one step on `batch` largest samples: device on GPU, RSS on CPU; None on OOM."""
     dev = bench.dev
     if dev.type == "cuda":
+        # Each trial starts from an empty cache: blocks the previous (larger or failed) trial reserved
+        # would otherwise count toward this one's reserved peak.
+        torch.cuda.empty_cache()
         _gpu_reset(dev)
         try:
             bench.step(bench.largest_batches(batch))
@@ -330,7 +344,8 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
     """
     if steps < 1 or warmup < 0:
         raise CalibrationError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}", loc="--steps")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or pick_device(stage.slurm.gpus_per_node, stage.slurm.tasks_per_node,
+                                             env_world()[2], visible_gpus()))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     dist = dist or DistInfo()
@@ -382,8 +397,7 @@ def measure_stage(plan: Plan, stage: StagePlan, *, steps: int = 10, warmup: int 
     search = None
     if find_batch:
         if dev.type == "cuda":
-            total = torch.cuda.mem_get_info(dev)[1] / 2**20
-            budget = (1 - margin) * total
+            budget = (1 - margin) * gpu_memory_available_mb(dev)
         elif stage.slurm.mem:
             budget = (1 - margin) * stage.slurm.mem / stage.slurm.tasks_per_node
         else:
@@ -438,8 +452,9 @@ def calibration_job(plan_json: str, stage_name: str, options: dict[str, Any]) ->
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
         torch.set_num_threads(int(cpus))  # as the stage's job does
-    dev = f"cuda:{env['local_rank']}" if torch.cuda.is_available() else "cpu"
-    info = init_distributed("cuda" if dev != "cpu" else "cpu")
+    dev = pick_device(stage.slurm.gpus_per_node, stage.slurm.tasks_per_node, env["local_rank"], visible_gpus(),
+                      require_gpu=True)
+    info = init_distributed(torch.device(dev), timeout_min=stage.train.dist_timeout)
     try:
         entry = measure_stage(plan, stage, device=dev, dist=info, **options)
     finally:

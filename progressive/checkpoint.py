@@ -200,7 +200,9 @@ def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
         "numpy": {"name": np_name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        # This rank's own GPU only (the current device): with one GPU bound per task every rank's is
+        # "device 0", and a list by position would restore another GPU's state after a remap.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "generator": generator.get_state() if generator is not None else None,
     }
     return out
@@ -217,6 +219,8 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = No
     np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Written as [current device's state] (older files: every device's, this rank's at its local index).
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[torch.cuda.current_device()])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"])

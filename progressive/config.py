@@ -121,7 +121,15 @@ class TrainConfig(_Strict):
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     clip_grad_norm: Optional[Annotated[float, Field(gt=0)]] = Field(1.0, description="Clip the gradient norm to this (unset: no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on GPUs that support it, else fp16 with a GradScaler on GPU, fp32 on CPU.")
+        "auto", description="auto = bf16 on GPUs that support it, else fp16 with a GradScaler on GPU, fp32 on CPU. "
+                            "A stage keeps the precision it started with across requeues.")
+    deterministic: bool = Field(
+        False, description="Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN fixed, "
+                           "CUBLAS_WORKSPACE_CONFIG exported): resume is bitwise on a GPU too, at a cost in speed.")
+    tf32: bool = Field(False, description="Let fp32 matmuls and convolutions use TF32 on GPUs that have it (faster, ~1e-3 relative error).")
+    dist_timeout: Minutes = Field(
+        30, description=f"How long a rank waits in a collective (NCCL/gloo) before the job fails, e.g. {TIME_FORMATS}; "
+                        "it must cover rank 0's evaluation and checkpoint saves, which the others wait for.")
     checkpoint_every: str | int = Field("30m", description="Periodic checkpoint: a duration (\"30m\") or a number of optimizer steps.")
     keep_checkpoints: PositiveInt = Field(2, description="Periodic checkpoints kept per stage (the final one is kept apart).")
     num_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader workers (0 measured fastest on 2 cores).")
@@ -212,6 +220,17 @@ class GraphConfig(_Strict):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise _GraphIssue(i, "init_from", f"init_from {ref!r} names no stage",
                               f"{hint}valid stages: {', '.join(sorted(seen))}; or give a checkpoint path (containing '/') or \"none\"")
+        for i, st in enumerate(self.stage):
+            # Overrides are built dynamically (_StageOverrides): None means the [slurm] value.
+            tasks = getattr(st, "tasks_per_node") or self.slurm.tasks_per_node
+            gpus = getattr(st, "gpus_per_node")
+            gpus = self.slurm.gpus_per_node if gpus is None else gpus
+            if 0 < gpus < tasks:
+                # Each rank trains on a GPU of its own; two ranks on one GPU would share its memory and
+                # serialise on it, and NCCL refuses two ranks on one device.
+                raise _GraphIssue(i, "tasks_per_node", f"stage {st.name!r} runs {tasks} tasks per node on "
+                                  f"{gpus} GPU(s) per node: each task needs a GPU of its own",
+                                  f"set tasks_per_node = {gpus} (one rank per GPU), or gpus_per_node = {tasks}")
         cycle = find_cycle(parents(self))
         if cycle:
             i = [s.name for s in self.stage].index(cycle[0])

@@ -52,8 +52,14 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def init_distributed(device_type: str, timeout_min: float = 30.0) -> DistInfo:
-    """Join (or create) the default process group when WORLD_SIZE > 1: NCCL on GPU, gloo on CPU."""
+def init_distributed(dev: torch.device, timeout_min: float = 30.0) -> DistInfo:
+    """Join (or create) the default process group when WORLD_SIZE > 1: NCCL on GPU, gloo on CPU.
+
+    On a GPU the rank's device is made current and handed to the process group (`device_id`)
+    before NCCL starts, so its communicator is bound to that device and never to cuda:0.
+    `timeout_min` bounds every collective: it must cover what the other ranks wait for (rank 0's
+    evaluation and checkpoint saves).
+    """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), env_world()[2], True, False)
     rank, world, local = env_world()
@@ -64,10 +70,12 @@ def init_distributed(device_type: str, timeout_min: float = 30.0) -> DistInfo:
         raise ProgressiveError(f"WORLD_SIZE={world} but {', '.join(missing)} unset", loc="environment",
                                hint="launch with torchrun or the Slurm job wrapper, which set all of "
                                     "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT")
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if device_type == "cuda":
-        torch.cuda.set_device(local)  # NCCL and object collectives need the device chosen first
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_min))
+    timeout = timedelta(minutes=timeout_min)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL and object collectives need the device chosen first
+        dist.init_process_group(backend="nccl", rank=rank, world_size=world, timeout=timeout, device_id=dev)
+    else:
+        dist.init_process_group(backend="gloo", rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, True, True)
 
 

@@ -94,7 +94,8 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
 
     from progressive.trainer import train_stage
 
-    outcome = train_stage(plan, stage, stop_requested=flag)
+    # require_gpu: a GPU stage on a node where this task sees no GPU fails at once, not hours later on the CPU.
+    outcome = train_stage(plan, stage, stop_requested=flag, require_gpu=True)
     if outcome.status == "completed":
         # A pre-timeout signal that lands now must not kill us on the way out: Python restores
         # default handlers during shutdown, and USR1/USR2's default is to terminate, which

@@ -34,7 +34,10 @@ SPLITS = ("train", "val", "test")
 
 # Train settings that do not change what the weights become: a checkpoint written
 # under different values of these may still be resumed.
-_NOT_IN_FINGERPRINT = {"checkpoint_every", "keep_checkpoints", "log_every", "throughput", "tensorboard", "num_workers", "eval_samples"}
+# deterministic/tf32/dist_timeout change how fast, not what, a stage learns (bits aside): a stage may switch them
+# between its jobs, and checkpoints written before these keys existed still resume.
+_NOT_IN_FINGERPRINT = {"checkpoint_every", "keep_checkpoints", "log_every", "throughput", "tensorboard", "num_workers",
+                       "eval_samples", "deterministic", "tf32", "dist_timeout"}
 
 
 class _Data(BaseModel):

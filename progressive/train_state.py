@@ -124,6 +124,7 @@ class StateCheckpoint(_Checkpoint):
     epoch_samples: int
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None = None  # only with fp16 on a GPU
+    precision: str | None = None  # what the stage trains in ("fp32", "bf16", "fp16"): kept on requeue
     sampler: dict[str, int] | None = None  # ResumableSampler.state_dict() at the samples consumed
     rng: list[dict[str, Any]]  # per rank: capture_rng() with the loss's generator
 
@@ -180,7 +181,8 @@ class TrainParts:
         """This rank's RNG states (Python, numpy, torch, CUDA, the loss's generator)."""
         return capture_rng(self.loss_gen)
 
-    def capture(self, ident: StageIdentity, state: TrainState, rngs: list[dict[str, Any]]) -> StateCheckpoint:
+    def capture(self, ident: StageIdentity, state: TrainState, rngs: list[dict[str, Any]],
+                precision: str | None = None) -> StateCheckpoint:
         """The checkpoint of the current state; `rngs` is every rank's `rng_state()`, by rank.
 
         The sampler's position must be set to the samples consumed (not what the loader prefetched).
@@ -191,7 +193,7 @@ class TrainParts:
             train_samples=ident.train_samples, world_size=ident.world_size, **state.state_dict(),
             epoch=sampler["epoch"], epoch_samples=sampler["start"], sampler=sampler,
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, rng=rngs)
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None, precision=precision, rng=rngs)
 
     def restore(self, ck: StateCheckpoint, *, rank: int, position: tuple[int, int], path: str | Path) -> None:
         """Load every part from `ck` on this rank; `position` = (epoch, samples) that `ck.step` implies.

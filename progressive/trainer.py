@@ -21,7 +21,6 @@ and agreed across ranks with one all-reduce, so every rank stops after the same 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -48,7 +47,16 @@ from progressive.distributed import (
     shutdown_distributed,
     sum_all,
 )
-from progressive.errors import ConfigError, DataError
+from progressive.devices import (
+    autocast_for,
+    bf16_supported,
+    keep_precision,
+    pick_device,
+    resolve_precision,
+    set_numerics,
+    visible_gpus,
+)
+from progressive.errors import CheckpointError, ConfigError, DataError
 from progressive.layout import TENSORBOARD_DIR
 from progressive.metrics import MetricsWriter, peak_memory_mb
 from progressive.config import TrainConfig
@@ -69,7 +77,7 @@ from progressive.units import parse_duration_min
 log = logging.getLogger(__name__)
 
 __all__ = ["StageOutcome", "train_stage", "get_lr", "micro_batch_sizes", "data_position",
-           "checkpoint_interval", "resolve_precision"]
+           "checkpoint_interval", "make_optimizer", "apply_step"]
 
 
 @dataclass(frozen=True)
@@ -128,20 +136,6 @@ def checkpoint_interval(value: str | int) -> tuple[Literal["steps", "seconds"], 
     if isinstance(value, int):
         return "steps", float(value)
     return "seconds", parse_duration_min(value) * 60.0
-
-
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype | None, bool]:
-    """(name, autocast dtype or None, use a GradScaler) for the requested precision on this device.
-
-    auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU. An
-    explicit bf16/fp16 on CPU falls back to fp32 (CPU autocast gains nothing for this
-    workload and sparse kernels lack half types).
-    """
-    if device.type != "cuda" or requested == "fp32":
-        return "fp32", None, False
-    if requested == "auto":
-        requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return (requested, torch.bfloat16, False) if requested == "bf16" else ("fp16", torch.float16, True)
 
 
 def _seed(*parts: Any) -> int:
@@ -213,7 +207,7 @@ class _StepDone:
 
 def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bool] | None = None,
                 on_progress: Callable[[dict[str, Any]], None] | None = None,
-                device: str | None = None) -> StageOutcome:
+                device: str | None = None, require_gpu: bool = False) -> StageOutcome:
     """Train one stage to completion or until a stop is requested; resumable any number of times.
 
     Args:
@@ -222,7 +216,9 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
         stop_requested: polled after every optimizer step; when it returns True (on any rank)
             the step is finished, a checkpoint saved and "stopped" returned.
         on_progress: called on rank 0 with every event dict (steps, checkpoints, end).
-        device: "cpu", "cuda", "cuda:1"...; default: this rank's GPU if any, else CPU.
+        device: "cpu", "cuda", "cuda:1"...; default: from the plan's gpus_per_node and the GPUs
+            Slurm made visible to this task (`progressive.devices.pick_device`).
+        require_gpu: a GPU stage that sees no GPU fails instead of training on the CPU (Slurm jobs).
 
     Raises:
         CheckpointError: resume refused (different settings, corrupt file), parent weights missing
@@ -230,16 +226,15 @@ def train_stage(plan: Plan, stage: StagePlan, *, stop_requested: Callable[[], bo
         ConfigError / DataError: bad task, world size unlike the plan's, data unlike the plan's.
     """
     _, _, local = env_world()
+    tc = stage.train
     if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = pick_device(stage.slurm.gpus_per_node, stage.slurm.tasks_per_node, local, visible_gpus(),
+                             require_gpu=require_gpu)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local)  # DDP and the allocator want an explicit device
-    if dev.type == "cuda":
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dist_info = init_distributed(dev.type)
+        dev = torch.device("cuda", 0)  # DDP and the allocator want an explicit device
+    set_numerics(dev, tc)
+    dist_info = init_distributed(dev, timeout_min=tc.dist_timeout)
     try:
         return _train(plan, stage, dist_info, dev, stop_requested or (lambda: False), on_progress)
     finally:
@@ -313,13 +308,11 @@ def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _
         raise DataError(f"the training split has {n_train} samples ({total} steps) but the plan counted "
                         f"{stage.samples and stage.samples.get('train')} ({stage.total_steps} steps)",
                         loc=f"{plan.data_path}: {loc}", hint="the data file changed since the plan was made: re-plan the run")
-    precision, amp_dtype, use_scaler = resolve_precision(tc.precision, dev)
-    autocast: Callable[[], Any] = (functools.partial(torch.autocast, dev.type, dtype=amp_dtype)
-                                   if amp_dtype is not None else contextlib.nullcontext)
+    precision = resolve_precision(tc.precision, dev.type, bf16_supported(dev))
 
     torch.manual_seed(plan.seed)  # every rank builds identical initial weights
     model = task.build_model().to(dev)
-    parts = TrainParts(model=model, optimizer=make_optimizer(model, tc), scaler=torch.amp.GradScaler(dev.type, enabled=use_scaler),
+    parts = TrainParts(model=model, optimizer=make_optimizer(model, tc), scaler=torch.amp.GradScaler(dev.type, enabled=precision == "fp16"),
                        sampler=ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size),
                        loss_gen=torch.Generator(device=dev).manual_seed(_seed(plan.seed, stage.name, "loss", dist.rank)))
     # Per-rank streams for anything random beyond the loss (dropout, augmentation in a user's task).
@@ -335,19 +328,17 @@ def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _
     ident = StageIdentity(stage=stage.name, fingerprint=dict(stage.fingerprint), total_steps=total,
                           train_samples=n_train, world_size=dist.world_size)
     return _Job(plan=plan, stage=stage, dist=dist, dev=dev, task=task, parts=parts, loader=loader, ident=ident,
-                spe=spe, per_rank=math.ceil(n_train / dist.world_size), precision=precision, autocast=autocast)
+                spe=spe, per_rank=math.ceil(n_train / dist.world_size), precision=precision,
+                autocast=autocast_for(precision, dev))
 
 
 def _restore(job: _Job) -> TrainState:
     """Where training starts: this stage's own checkpoint > the parent's final weights > the seeded init."""
     state = TrainState()
-    ckpt_dir = Path(job.stage.checkpoint_dir)
-    if job.dist.is_main:
-        clean_temp_files(ckpt_dir)
-    barrier(job.dist)
-    path = latest_checkpoint(ckpt_dir)
+    path = _choose_checkpoint(job)
     if path is not None:
         ck = load_state(path, job.ident)
+        _adopt_precision(job, ck.precision, str(path))
         job.parts.restore(ck, rank=job.dist.rank, position=job.position(ck.step), path=path)
         state.load_state_dict(ck.to_dict(), source=str(path))
     elif job.stage.init_from.kind in ("stage", "path"):
@@ -355,11 +346,46 @@ def _restore(job: _Job) -> TrainState:
     return state
 
 
+def _choose_checkpoint(job: _Job) -> Path | None:
+    """Rank 0 picks the checkpoint every rank resumes from, and tells the others.
+
+    Each rank listing the folder itself could pick different steps: shared file systems cache
+    directory listings per node, so a file rank 0 just wrote may not be listed on another node yet.
+    """
+    choice: tuple[str | None, tuple[str, str, str] | None] = (None, None)
+    if job.dist.is_main:
+        ckpt_dir = Path(job.stage.checkpoint_dir)
+        clean_temp_files(ckpt_dir)
+        try:
+            found = latest_checkpoint(ckpt_dir)
+            choice = (str(found) if found else None, None)
+        except CheckpointError as exc:  # every rank must raise it, or the others wait in the broadcast
+            choice = (None, (exc.msg, exc.loc or "", exc.hint or ""))
+    path, error = broadcast_from_rank0(choice, job.dist)
+    if error is not None:
+        raise CheckpointError(error[0], loc=error[1] or None, hint=error[2] or None)
+    return Path(path) if path is not None else None
+
+
+def _adopt_precision(job: _Job, saved: str | None, path: str) -> None:
+    """Continue in the precision the checkpoint was written in (a requeue may land on another GPU model)."""
+    kept = keep_precision(saved, job.precision, job.dev.type, bf16_supported(job.dev), path)
+    if kept != job.precision:
+        job.precision, job.autocast = kept, autocast_for(kept, job.dev)
+        job.parts.scaler = torch.amp.GradScaler(job.dev.type, enabled=kept == "fp16")
+
+
 def _distribute(job: _Job) -> torch.nn.Module:
     """The model the loss calls: wrapped in DDP once its weights are in place, or the bare model alone."""
     if not job.dist.enabled:
         return job.parts.model
-    return DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None)
+    # find_unused_parameters=True also keeps DDP's gradient buckets as first built: without it DDP
+    # rebuilds them after its first iteration in gradient-ready order, so a resumed job's first step
+    # reduces each gradient at another buffer position (another summation order over 3+ ranks) than
+    # the uninterrupted run did, and resume is no longer bitwise (tests/test_trainer_ddp.py, 4 ranks).
+    # The price is one walk of the autograd graph per step (benchmarks/RESULTS.md).
+    return DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None,
+                                   find_unused_parameters=True)
 
 
 def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None) -> MetricsWriter:
@@ -473,7 +499,7 @@ def _save(job: _Job, state: TrainState, metrics: MetricsWriter, reason: str) -> 
     # iterator already holds its order, so moving the sampler's position does not disturb it.
     job.parts.sampler.set_epoch(*job.position(state.step))
     if job.dist.is_main and rngs is not None:
-        save_atomic(job.parts.capture(job.ident, state, rngs).to_dict(), path)
+        save_atomic(job.parts.capture(job.ident, state, rngs, job.precision).to_dict(), path)
         prune_checkpoints(job.stage.checkpoint_dir, job.stage.train.keep_checkpoints)
         secs = time.perf_counter() - t0
         metrics.write({"event": "checkpoint", "step": state.step, "reason": reason, "path": str(path),

@@ -158,7 +158,7 @@ STAGE = stage_toml("a", bucket=16, batch_size=4, epochs=3)  # 19 samples: 3 step
 
 # The on-disk format: what older readers (and `load_weights`) find in the files.
 STATE_KEYS = {"format", "kind", "stage", "fingerprint", "step", "total_steps", "epoch", "epoch_samples",
-              "train_samples", "world_size", "elapsed_s", "sampler", "model", "optimizer", "scaler", "rng",
+              "train_samples", "world_size", "elapsed_s", "sampler", "model", "optimizer", "scaler", "precision", "rng",
               "saved_at", "torch_version"}
 FINAL_KEYS = {"format", "kind", "stage", "fingerprint", "step", "total_steps", "train_samples", "world_size",
               "elapsed_s", "model", "metrics", "saved_at", "torch_version"}

@@ -1,4 +1,4 @@
-"""DDP on CPU: 2 gloo processes train, agree on the step they stop at, resume, and end bitwise identical.
+"""DDP on CPU: 2 and 4 gloo processes train, agree on the step they stop at, resume, and end bitwise identical.
 
 Each rank is a real subprocess with the environment torchrun or the Slurm job wrapper sets
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); it runs this file as a script.
@@ -19,6 +19,7 @@ import torch
 
 from tests.test_trainer_support import (
     RECORDING,
+    TINY_MODEL,
     RecordingTask,
     StopAfter,
     assert_same_weights,
@@ -40,14 +41,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(folder: Path, data: Path, run: str, stop: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """Run the stage with 2 ranks; `stop` = (rank, poll): that rank alone asks to stop at that poll."""
+# Wide enough that DDP's gradient buffer spans several of gloo's ring chunks (hidden = 8 does not show it).
+WIDE_MODEL = "hidden = 64\nlayers = 3\nsketch = 4"
+
+
+def launch(folder: Path, data: Path, run: str, stop: tuple[int, int] | None = None,
+           world: int = 2, model: str = TINY_MODEL) -> list[dict[str, Any]]:
+    """Run the stage with `world` ranks; `stop` = (rank, poll): that rank alone asks to stop at that poll."""
     port = str(_free_port())
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo",
-               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DDP_TEST_MODEL": model}
         args = [sys.executable, "-m", "tests.test_trainer_ddp", str(folder), str(data), run,
                 json.dumps(list(stop) if stop else None)]
         procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -97,6 +103,28 @@ def test_two_gloo_ranks_stop_together_resume_and_match(tmp_path: Path) -> None:
     assert all(e["hosts"] == [me, me] and e["nodes"] == [me] for e in events if e["event"] == "start")
 
 
+@pytest.mark.slow
+def test_four_gloo_ranks_resume_bitwise_after_the_first_step_and_mid_epoch(tmp_path: Path) -> None:
+    """4 ranks: a resumed job's first step must reduce gradients in the same order as an uninterrupted run's.
+
+    With 2 ranks a + b = b + a hides it; with 4, a gradient reduced at another position of DDP's buffer
+    (DDP re-buckets by gradient-ready order after its first iteration) sums in another order.
+    """
+    data = make_data(tmp_path / "m.h5")
+    # 19 matrices over 4 ranks: 5 per rank, micro-batches of 2, 2 per step -> 2 steps per epoch (4, 1), 2 epochs.
+    ref = launch(tmp_path, data, "ref4", world=4, model=WIDE_MODEL)
+    assert [(r["status"], r["step"]) for r in ref] == [("completed", 4)] * 4
+    ref_final = final_weights(ref[0]["checkpoint"])
+    # Stop after the very first step (the one DDP buckets differently), then mid-epoch 1 (step 3).
+    assert [r["step"] for r in launch(tmp_path, data, "cut4", stop=(3, 1), world=4, model=WIDE_MODEL)] == [1] * 4
+    assert [r["step"] for r in launch(tmp_path, data, "cut4", stop=(2, 2), world=4, model=WIDE_MODEL)] == [3] * 4
+    last = launch(tmp_path, data, "cut4", world=4, model=WIDE_MODEL)
+    assert [(r["status"], r["step"]) for r in last] == [("completed", 4)] * 4
+    assert_same_weights(final_weights(last[0]["checkpoint"]), ref_final)
+    for rank in range(4):
+        assert_same_weights(rank_weights(tmp_path, "cut4", rank), ref_final)
+
+
 def _rank_main(folder: str, data: str, run: str, stop_json: str) -> None:
     """One rank of `launch`: train the stage, print the outcome as JSON, save this rank's weights."""
     from progressive.trainer import train_stage
@@ -104,7 +132,7 @@ def _rank_main(folder: str, data: str, run: str, stop_json: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     stop = json.loads(stop_json)
-    plan = make_plan(Path(folder), Path(data), STAGE, train=TRAIN, slurm="tasks_per_node = 2", task=RECORDING,
+    plan = make_plan(Path(folder), Path(data), STAGE, train=TRAIN, model=os.environ["DDP_TEST_MODEL"], slurm=f"tasks_per_node = {os.environ['WORLD_SIZE']}", task=RECORDING,
                      run_name=run)
     stage = plan.stages[0]
     poller = StopAfter(stop[1] if stop and stop[0] == rank else 10**9)

@@ -21,6 +21,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from progressive.backends.base import Backend, JobInfo
+from progressive.devices import CUBLAS_WORKSPACE
 from progressive.errors import RunError, SlurmError
 from progressive.plan import Plan, StagePlan
 from progressive.states import StageState, from_slurm
@@ -126,6 +127,9 @@ def sbatch_parameters(plan: Plan, stage: StagePlan, dependency: str | None) -> d
     if s.gpus_per_node:
         # Fewer OOMs from fragmentation when bucket sizes change between stages.
         setup.append("export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    if stage.train.deterministic:
+        # cuBLAS reads it when CUDA starts: too late to set from inside the trainer on every site.
+        setup.append(f"export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}")
     params["setup"] = setup + list(s.setup)
     # Our signal and delay (submitit's own is fixed at import), requeue-able on node
     # failure, and the extra options the user asked for, last so they win.
