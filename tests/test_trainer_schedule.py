@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from progressive.plan import steps_per_epoch
-from progressive.trainer import checkpoint_interval, data_position, get_lr, micro_batch_sizes, resolve_precision
+from progressive.trainer import checkpoint_interval, data_position, get_lr, micro_batch_sizes
 
 
 def test_get_lr_warmup_then_cosine_to_the_floor() -> None:
@@ -48,9 +48,3 @@ def test_checkpoint_interval_steps_or_duration() -> None:
     assert checkpoint_interval(50) == ("steps", 50.0)
     assert checkpoint_interval("30m") == ("seconds", 1800.0)
     assert checkpoint_interval("1h30m") == ("seconds", 5400.0)
-
-
-def test_precision_is_fp32_on_cpu() -> None:
-    cpu = torch.device("cpu")
-    for asked in ("auto", "fp32", "bf16", "fp16"):
-        assert resolve_precision(asked, cpu) == ("fp32", None, False)
