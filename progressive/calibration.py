@@ -223,6 +223,7 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
             # Start-up and exit are paid once per job; the exit comes after the time-out's save, inside
             # signal_delay, so it lengthens the run but not a segment's training time.
             est.estimate_min = round((work + est.segments * (est.startup_s + (est.exit_s or 0.0))) / 60.0, 2)
+        _check_signal_delay(est, stage, entry, ckpt_s)
         est.peak_mem_mb = round(float(entry["peak_rss_mb"]) * stage.slurm.tasks_per_node, 1)
         gpu = entry.get("gpu") or {}
         if isinstance(gpu.get("device_used_mb"), (int, float)):
@@ -247,6 +248,21 @@ def estimate(plan: Plan, stage: StagePlan, entry: Mapping[str, Any] | None) -> S
     if est.gpu_peak_mb is not None and est.gpu_total_mb and est.gpu_peak_mb > HOST_MEM_WARN * est.gpu_total_mb:
         est.flags.append(f"GPU memory {est.gpu_peak_mb:.0f} MB of {est.gpu_total_mb:.0f} MB: no safety margin left")
     return est
+
+
+def stop_cost_s(entry: Mapping[str, Any], ckpt_s: float) -> float:
+    """What the pre-timeout signal must leave time for: the step in flight (the slowest measured),
+    the checkpoint save, and the job's exit."""
+    worst = (entry.get("worst_step_s") or {}).get("max") or entry["step_s"].get("max") or entry["step_s"]["median"]
+    return float(worst) + ckpt_s + float(entry.get("exit_s") or 0.0)
+
+
+def _check_signal_delay(est: StageEstimate, stage: StagePlan, entry: Mapping[str, Any], ckpt_s: float) -> None:
+    """Flag a signal_delay too short for the measured stop: Slurm would kill the job mid-save."""
+    need = stop_cost_s(entry, ckpt_s)
+    if stage.slurm.signal_delay < need:
+        est.flags.append(f"signal_delay = {stage.slurm.signal_delay} s is shorter than a step, the checkpoint save and "
+                         f"the exit ({need:.0f} s measured): raise signal_delay to at least {math.ceil(need * 2)} s")
 
 
 def estimates(plan: Plan, path: str | Path | None = None) -> tuple[dict[str, StageEstimate], str | None]:

@@ -110,6 +110,16 @@ def test_segments_against_requeues_are_flagged(tmp_path: Path, tiny_dataset: Pat
     assert est.segments is None and any("no time to train" in f for f in est.flags)
 
 
+def test_a_signal_delay_shorter_than_a_step_save_and_exit_is_flagged(tmp_path: Path, tiny_dataset: Path) -> None:
+    plan = plan_of(write_graph(tmp_path, tiny_dataset))  # signal_delay = 30 s
+    ok = estimate(plan, plan.stage("a"), entry(plan, "a", ckpt=5.0, exit_s=2.0, worst_step_s={"max": 3.0}))
+    assert not any("signal_delay" in f for f in ok.flags)
+    # a 1.5 GB state on a slow disk: 25 s to save, a 4 s step in flight, a 2 s exit = 31 s > 30 s
+    est = estimate(plan, plan.stage("a"), entry(plan, "a", ckpt=25.0, exit_s=2.0, worst_step_s={"max": 4.0}))
+    assert ("signal_delay = 30 s is shorter than a step, the checkpoint save and the exit (31 s measured): "
+            "raise signal_delay to at least 62 s") in est.flags
+
+
 def test_memory_over_the_request_is_flagged(tmp_path: Path, tiny_dataset: Path) -> None:
     plan = plan_of(write_graph(tmp_path, tiny_dataset))
     assert any("exceeds mem = 2048 MB" in f for f in estimate(plan, plan.stage("a"), entry(plan, "a", rss=3000)).flags)
