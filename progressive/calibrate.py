@@ -176,8 +176,7 @@ class _Bench:
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                             find_unused_parameters=True)  # as the trainer's (fixed buckets), and so its cost
+            self.model = DDP(self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None)
         # Samples by size, largest first: the worst case an epoch meets.
         nnz = getattr(self.train_ds, "nnz_offsets", None)
         if nnz is not None:

@@ -34,7 +34,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from progressive.checkpoint import clean_temp_files, latest_checkpoint, prune_checkpoints, save_atomic, step_path
+from progressive.checkpoint import (
+    clean_temp_files,
+    latest_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_atomic,
+    step_path,
+)
 from progressive.data.loader import ResumableSampler, make_loader
 from progressive.distributed import (
     DistInfo,
@@ -379,13 +386,39 @@ def _distribute(job: _Job) -> torch.nn.Module:
     """The model the loss calls: wrapped in DDP once its weights are in place, or the bare model alone."""
     if not job.dist.enabled:
         return job.parts.model
-    # find_unused_parameters=True also keeps DDP's gradient buckets as first built: without it DDP
-    # rebuilds them after its first iteration in gradient-ready order, so a resumed job's first step
-    # reduces each gradient at another buffer position (another summation order over 3+ ranks) than
-    # the uninterrupted run did, and resume is no longer bitwise (tests/test_trainer_ddp.py, 4 ranks).
-    # The price is one walk of the autograd graph per step (benchmarks/RESULTS.md).
-    return DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    ddp = DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None)
+    _prime_buckets(job, ddp)
+    return ddp
+
+
+def _prime_buckets(job: _Job, ddp: DistributedDataParallel) -> None:
+    """One forward and backward that leaves no trace, so DDP re-buckets before the first real step.
+
+    DDP reduces its first iteration with buckets in parameter order, then rebuilds them in the
+    order gradients became ready. Without this, the first step of every job (a resumed one
+    included) would reduce each gradient at another buffer position, so in another summation
+    order over 3+ ranks, than the same step of an uninterrupted run: resume would not be bitwise
+    (tests/test_trainer_ddp.py, 4 ranks). With it every real step of every job uses the rebuilt
+    buckets. Cheaper than find_unused_parameters=True (which never rebuilds, at the price of an
+    autograd-graph walk every step; benchmarks/bench_ddp.py). RNG states and buffers (batch-norm
+    statistics) are put back and the gradients dropped, so training is as if it had not run.
+    """
+    parts = job.parts
+    rngs = parts.rng_state()
+    buffers = {name: b.detach().clone() for name, b in parts.model.named_buffers()}
+    batch = job.task.to_device(job.task.collate([job.loader.dataset[0]]), job.dev)
+    was_training = ddp.training
+    ddp.train()
+    with job.autocast():
+        loss = job.task.loss(ddp, batch, parts.loss_gen)
+    loss.float().backward()
+    ddp.train(was_training)
+    for param in parts.model.parameters():
+        param.grad = None
+    with torch.no_grad():
+        for name, b in parts.model.named_buffers():
+            b.copy_(buffers[name])
+    restore_rng(rngs, parts.loss_gen)
 
 
 def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None) -> MetricsWriter:
