@@ -151,3 +151,30 @@ def test_checkpoints_record_the_precision_and_a_resume_that_cannot_keep_it_is_re
         train_stage(plan, plan.stages[0], device="cpu")
     assert exc.value.msg == "the stage trained in fp16 but this job runs on cpu"
     assert exc.value.loc == out.checkpoint
+
+
+def test_the_grad_scalers_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """fp16 training's GradScaler (CPU has one too): its scale and growth tracker survive save + load."""
+    from progressive.checkpoint import load_checkpoint, save_atomic
+    from progressive.data.loader import ResumableSampler
+    from progressive.train_state import StageIdentity, StateCheckpoint, TrainParts, TrainState
+
+    def parts(scaler: torch.amp.GradScaler) -> TrainParts:
+        model = torch.nn.Linear(3, 1)
+        return TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler,
+                          sampler=ResumableSampler(8, seed=0), loss_gen=torch.Generator().manual_seed(0))
+
+    before = parts(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3))
+    for _ in range(4):  # three finite steps grow the scale once, the fourth counts toward the next growth
+        before.scaler.scale(before.model(torch.ones(1, 3)).sum()).backward()
+        before.scaler.step(before.optimizer)
+        before.scaler.update()
+    ident = StageIdentity(stage="a", fingerprint={}, total_steps=9, train_samples=8, world_size=1)
+    ck = before.capture(ident, TrainState(step=4), [before.rng_state()], precision="fp16")
+    save_atomic(ck.to_dict(), tmp_path / "step.pt")
+    loaded = StateCheckpoint.from_dict(load_checkpoint(tmp_path / "step.pt"), tmp_path / "step.pt")
+    assert loaded.precision == "fp16" and loaded.scaler is not None
+    after = parts(torch.amp.GradScaler("cpu"))
+    after.restore(loaded, rank=0, position=(0, 0), path=tmp_path / "step.pt")
+    assert after.scaler.get_scale() == before.scaler.get_scale() == 2048.0
+    assert after.scaler.state_dict() == before.scaler.state_dict()

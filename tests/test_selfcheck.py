@@ -74,3 +74,12 @@ def test_doctor_asks_for_what_to_check() -> None:
     res = subprocess.run([sys.executable, "-m", "progressive", "doctor"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "the following arguments are required: --gpu" in res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs wherever one is visible)")
+def test_every_gpu_check_passes_on_this_gpu() -> None:
+    from progressive.selfcheck import run_checks
+
+    results = run_checks("cuda:0")
+    assert not [(c.name, c.detail) for c in results if c.status == "fail"]
