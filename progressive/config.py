@@ -137,7 +137,7 @@ class TrainConfig(_Strict):
     log_every: PositiveInt = Field(1, description="Write a metrics line every this many optimizer steps.")
     throughput: Optional[Annotated[float, Field(gt=0)]] = Field(
         None, description="Measured samples/s for this stage's bucket; enables plan's time estimate.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (if installed).")
+    tensorboard: bool = Field(False, description="Deprecated: use a [tracking.tensorboard] table. Also log to TensorBoard.")
 
     @field_validator("checkpoint_every")
     @classmethod
@@ -164,6 +164,41 @@ class ModelConfig(_Strict):
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
             raise ValueError(f"task {v!r} must look like \"package.module:Object\"")
         return v
+
+
+class WandbConfig(_Strict):
+    """`[tracking.wandb]`: one W&B run per stage, grouped by curriculum run (the table's presence turns it on)."""
+
+    project: Optional[str] = Field(None, description="W&B project (default: $WANDB_PROJECT, else the run name).")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user; default: $WANDB_ENTITY, else yours).")
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(
+        None, description="online, offline (files under the run's folder; `progressive sync RUN` uploads them) or "
+                          "disabled (default: $WANDB_MODE, else online).")
+    tags: tuple[str, ...] = Field((), description="Tags on every stage's run.")
+
+
+class MlflowConfig(_Strict):
+    """`[tracking.mlflow]`: a parent MLflow run per curriculum run, a nested child run per stage."""
+
+    tracking_uri: Optional[str] = Field(
+        None, description="Where runs go: \"sqlite:///mlflow.db\" (relative to the config file) or a tracking server "
+                          "URL (default: $MLFLOW_TRACKING_URI).")
+    experiment: Optional[str] = Field(None, description="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the run name).")
+    log_model: bool = Field(False, description="Log each stage's final weights (final.pt) as an artifact.")
+
+
+class TensorboardConfig(_Strict):
+    """`[tracking.tensorboard]`: TensorBoard event files under jobs/<run>/stages/<stage>/tensorboard/."""
+
+    enabled: bool = Field(True, description="Write TensorBoard event files (needs the tensorboard package).")
+
+
+class TrackingConfig(_Strict):
+    """`[tracking]`: where else a run's metrics go. A tracker can never stop or slow training."""
+
+    wandb: Optional[WandbConfig] = Field(None, description="Weights & Biases (pip install \"progressive[wandb]\").")
+    mlflow: Optional[MlflowConfig] = Field(None, description="MLflow (pip install \"progressive[mlflow]\").")
+    tensorboard: Optional[TensorboardConfig] = Field(None, description="TensorBoard.")
 
 
 # A stage may override any [slurm] or [train] key: same names, optional, None = inherit.
@@ -199,6 +234,7 @@ class GraphConfig(_Strict):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     stage: tuple[StageConfig, ...] = Field(description="The stages, as [[stage]] tables.")
 
     @model_validator(mode="after")
@@ -309,6 +345,15 @@ def resolved(cfg: GraphConfig, stage: StageConfig) -> tuple[SlurmConfig, TrainCo
 
 # --------------------------------------------------------------------------- loading
 
+def deprecations(cfg: GraphConfig) -> list[str]:
+    """Keys that still work but are on their way out, each with what to write instead."""
+    out = []
+    if cfg.train.tensorboard or any(getattr(st, "tensorboard") for st in cfg.stage):
+        out.append("[train] tensorboard is deprecated: write a [tracking.tensorboard] table instead "
+                   "(it is honoured for now)")
+    return out
+
+
 def load_config(path: str | Path) -> GraphConfig:
     """Read and validate a stage-graph TOML file; raise ConfigError with file/stage/key on any problem."""
     path = Path(path)
@@ -400,6 +445,10 @@ def _where(raw: dict[str, Any], loc: list[Any]) -> str:
     if loc and loc[0] == "stage" and len(loc) >= 2 and isinstance(loc[1], int):
         rest = ".".join(str(p) for p in loc[2:])
         return _stage_label(raw, loc[1]) + (f".{rest}" if rest else "")
+    if loc and loc[0] == "tracking":  # [tracking.wandb].mode, [tracking].neptune
+        table = ".".join(str(p) for p in loc[:2 if len(loc) > 2 else 1])
+        rest = ".".join(str(p) for p in loc[2 if len(loc) > 2 else 1:])
+        return f"[{table}]" + (f".{rest}" if rest else "")
     if len(loc) == 1 and loc[0] in ("run", "slurm", "train", "model"):
         return f"[{loc[0]}]"
     if loc and loc[0] in ("run", "slurm", "train", "model"):
@@ -408,9 +457,13 @@ def _where(raw: dict[str, Any], loc: list[Any]) -> str:
 
 
 def _model_at(loc: list[Any]) -> type[BaseModel] | None:
-    tables: dict[str, type[BaseModel]] = {"run": RunConfig, "slurm": SlurmConfig, "train": TrainConfig, "model": ModelConfig}
+    tables: dict[str, type[BaseModel]] = {"run": RunConfig, "slurm": SlurmConfig, "train": TrainConfig, "model": ModelConfig,
+                                          "tracking": TrackingConfig}
+    trackers: dict[str, type[BaseModel]] = {"wandb": WandbConfig, "mlflow": MlflowConfig, "tensorboard": TensorboardConfig}
     if not loc:
         return GraphConfig
+    if loc[0] == "tracking" and len(loc) == 2:
+        return trackers.get(str(loc[1]))
     if loc[0] == "stage" and len(loc) == 2:
         return StageConfig
     if len(loc) == 1:

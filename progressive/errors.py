@@ -69,3 +69,14 @@ class RunError(ProgressiveError):
 
 class MissingDependencyError(ProgressiveError):
     """An optional dependency (an extra such as `progressive[report]`) is not installed."""
+
+
+class TrackingError(ProgressiveError):
+    """A tracker's own tool (e.g. `wandb sync`) refused: carries the command that was run and its words."""
+
+    def __init__(self, msg: str, *, cmd: list[str], output: str = "", hint: str | None = None) -> None:
+        detail = msg + f"\n  command: {' '.join(cmd)}"
+        if output.strip():
+            detail += "\n  it said: " + output.strip()[-2000:].replace("\n", "\n    ")
+        super().__init__(detail, loc="sync", hint=hint)
+        self.cmd, self.output = cmd, output

@@ -57,11 +57,13 @@ class MetricsWriter:
     """Appends events to a JSONL file, mirrors scalars to TensorBoard, and forwards them to a callback."""
 
     def __init__(self, path: str | Path | None, *, tensorboard_dir: str | Path | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.path = Path(path) if path else None
         self._fh: TextIO | None = None
         self._tb: Any = None
         self.on_event = on_event
+        self.on_close = on_close  # the trackers' hub: it sends what is queued, then closes its runs
         self.notes: list[str] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.on_close is not None:
+            closer, self.on_close = self.on_close, None
+            closer()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ or imports torch.
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -29,6 +30,7 @@ from progressive.config import (
 )
 from progressive.errors import ConfigError, ProgressiveError
 from progressive.layout import RunLayout
+from progressive.tracking.settings import TrackingPlan, resolve_tracking
 
 SPLITS = ("train", "val", "test")
 
@@ -89,6 +91,7 @@ class Plan(_Data):
     seed: int
     model: ModelConfig
     stages: tuple[StagePlan, ...]
+    tracking: TrackingPlan = TrackingPlan()
 
     @property
     def layout(self) -> RunLayout:
@@ -225,6 +228,7 @@ def build_plan(
         seed=cfg.run.seed,
         model=cfg.model,
         stages=tuple(stages),
+        tracking=resolve_tracking(cfg, base, run, os.environ, {st.name: st.total_steps for st in stages}),
     )
 
 

@@ -43,6 +43,7 @@ class StageStatus:
     checkpoint: Optional[str]
     final_checkpoint: Optional[str]
     fix: Optional[str] = None  # the command that gets it going again
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (trackers, offline runs to sync)
 
     def as_json(self) -> dict[str, Any]:
         """The `status --json` form."""
@@ -104,8 +105,20 @@ def stage_status(rec: RunRecord, st: StagePlan, info: JobInfo | None) -> StageSt
         requeues=requeues.count(rec.layout.stage(st.name).requeues, srec.job_id), step=step, total_steps=total,
         epoch=metrics.get("epoch"), loss=metrics.get("loss"), elapsed=info.elapsed if info else "",
         eta_s=eta, checkpoint=latest_checkpoint_file(st), final_checkpoint=st.final_checkpoint if complete else None,
-        fix=fix,
+        fix=fix, notes=tracking_notes(rec, st),
     )
+
+
+def tracking_notes(rec: RunRecord, st: StagePlan) -> list[str]:
+    """What went wrong with a tracker in this stage's jobs, and its W&B offline runs not yet uploaded."""
+    from progressive.tracking import files
+
+    stage_dir = Path(st.metrics_path).parent
+    notes = [f"tracking: {n}" for n in files.read_notes(stage_dir)]
+    waiting = files.unsynced_runs(stage_dir)
+    if waiting:
+        notes.append(f"{len(waiting)} W&B offline run(s) not synced yet: progressive sync {rec.run_name}")
+    return notes
 
 
 @dataclass

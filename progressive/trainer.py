@@ -70,6 +70,7 @@ from progressive.config import TrainConfig
 from progressive.plan import Plan, StagePlan, steps_per_epoch
 from progressive.signals import job_signals
 from progressive.task import Task, load_task
+from progressive.tracking.hub import open_hub
 from progressive.train_state import (
     FinalCheckpoint,
     StageIdentity,
@@ -424,8 +425,21 @@ def _prime_buckets(job: _Job, ddp: DistributedDataParallel) -> None:
 def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None) -> MetricsWriter:
     """Rank 0's metrics stream (a no-op writer on the other ranks)."""
     main, path = job.dist.is_main, Path(job.stage.metrics_path)
-    return MetricsWriter(path if main else None, on_event=on_progress if main else None,
-                         tensorboard_dir=path.parent / TENSORBOARD_DIR if main and job.stage.train.tensorboard else None)
+    if not main:
+        return MetricsWriter(None)
+    tensorboard = job.plan.tracking.tensorboard or job.stage.train.tensorboard
+    # Opened before the writer appends: the hub reads which steps metrics.jsonl (so the trackers) already has.
+    hub = open_hub(job.plan, job.stage)
+    if hub is None:
+        return MetricsWriter(path, on_event=on_progress, tensorboard_dir=path.parent / TENSORBOARD_DIR if tensorboard else None)
+
+    def fan_out(event: dict[str, Any]) -> None:
+        hub.event(event)
+        if on_progress is not None:
+            on_progress(event)
+
+    return MetricsWriter(path, on_event=fan_out, on_close=hub.close,
+                         tensorboard_dir=path.parent / TENSORBOARD_DIR if tensorboard else None)
 
 
 def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s: float) -> None:

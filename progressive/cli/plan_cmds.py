@@ -236,6 +236,12 @@ def show_plan(plan: "Plan") -> None:
     for st in plan.stages:
         init = f"   init from {rel(st.init_from.checkpoint)}" if st.init_from.checkpoint else ""
         con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")
+    from progressive.tracking.settings import describe
+
+    for line in describe(plan.tracking):
+        con.print(f"[dim]{escape(line)}[/]")
+    for note in plan.tracking.notes:
+        con.print(f"[yellow]warning: {escape(note)}[/]")
 
 
 def show_scripts(plan: "Plan") -> None:

@@ -258,6 +258,11 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
         elif s.fix:
             con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
                       f"Continue with: [bold]{s.fix}[/]")
+    from rich.markup import escape
+
+    for s in statuses:
+        for note in s.notes:
+            con.print(f"[yellow]{s.name}: {escape(note)}[/]", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ resume, cancel, logs

@@ -203,5 +203,8 @@ def plan_variants(sweep: SweepTable, cfg_text: str, config_path: str | Path, swe
     for v in expand(sweep):
         vcfg = variant_config(raw, v.params or {}, name=v.name, paths=paths, source=sweep_source)
         plan = build_plan(vcfg, config_path, run_name=v.name, counts=counts)
+        # Trackers group a variant's stage runs under the sweep, with the variant's parameters as config and tags.
+        tracking = plan.tracking.model_copy(update={"group": paths.sweep_dir.name, "params": dict(v.params or {})})
+        plan = plan.model_copy(update={"tracking": tracking})
         out.append(VariantPlan(v, plan, drawn_at_start=v.params is None, stages=plan.names))
     return paths, out
