@@ -264,7 +264,7 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
     job = _setup(plan, stage, dist, dev)
     state = _restore(job)
     model = _distribute(job)
-    metrics = _open_metrics(job, on_progress)
+    metrics = _open_metrics(job, on_progress, resumed_at=state.step)
     try:
         clock = _SaveClock(stage.train.checkpoint_every)
         _log_start(job, state, metrics, setup_s=time.time() - entered)
@@ -422,14 +422,13 @@ def _prime_buckets(job: _Job, ddp: DistributedDataParallel) -> None:
     restore_rng(rngs, parts.loss_gen)
 
 
-def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None) -> MetricsWriter:
+def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None, *, resumed_at: int) -> MetricsWriter:
     """Rank 0's metrics stream (a no-op writer on the other ranks)."""
     main, path = job.dist.is_main, Path(job.stage.metrics_path)
     if not main:
         return MetricsWriter(None)
     tensorboard = job.plan.tracking.tensorboard or job.stage.train.tensorboard
-    # Opened before the writer appends: the hub reads which steps metrics.jsonl (so the trackers) already has.
-    hub = open_hub(job.plan, job.stage)
+    hub = open_hub(job.plan, job.stage, resumed_at)
     if hub is None:
         return MetricsWriter(path, on_event=on_progress, tensorboard_dir=path.parent / TENSORBOARD_DIR if tensorboard else None)
 

@@ -2,6 +2,7 @@
 
     <jobs>/<run>/tracking.json                     {"wandb": {stage: id}, "mlflow": {"parent": id, stage: id}}
     <jobs>/<run>/stages/<stage>/tracking-notes.json  what went wrong with a tracker (one line each)
+    <jobs>/<run>/stages/<stage>/tracking-sent.json   per tracker, the last global step handed to it
     <jobs>/<run>/stages/<stage>/wandb/offline-run-*  W&B offline runs, one per job of the stage
 
 The ids are what keeps one tracker run per stage across requeues, preemptions and `resume`: the
@@ -20,10 +21,12 @@ from filelock import FileLock
 
 from progressive import atomic
 
-__all__ = ["ids_path", "get_or_create_id", "add_note", "read_notes", "offline_runs", "unsynced_runs"]
+__all__ = ["ids_path", "get_or_create_id", "add_note", "read_notes", "offline_runs", "unsynced_runs", "read_sent",
+           "write_sent"]
 
 IDS_FILE = "tracking.json"
 NOTES_FILE = "tracking-notes.json"
+SENT_FILE = "tracking-sent.json"
 
 
 def ids_path(run_dir: str | Path) -> Path:
@@ -72,6 +75,24 @@ def read_notes(stage_dir: str | Path) -> list[str]:
     except (FileNotFoundError, json.JSONDecodeError):
         return []
     return [str(n) for n in data] if isinstance(data, list) else []
+
+
+def read_sent(stage_dir: str | Path) -> dict[str, int]:
+    """{tracker: last global step handed to it} over every job of the stage so far."""
+    data = _read(Path(stage_dir) / SENT_FILE)
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
+
+
+def write_sent(stage_dir: str | Path, sent: dict[str, int]) -> None:
+    """Record what has been handed to each tracker, before it is (see TrackerHub._dispatch).
+
+    Renamed into place but not fsynced: it is rewritten every step from the trackers' thread, must
+    survive the process (SIGKILL), and a lost node loses the trackers' own unsent buffers anyway.
+    """
+    path = Path(stage_dir) / SENT_FILE
+    tmp = path.with_name(f".{SENT_FILE}.tmp")
+    tmp.write_text(json.dumps(sent), encoding="utf-8")
+    tmp.replace(path)
 
 
 def offline_runs(folder: str | Path) -> list[Path]:

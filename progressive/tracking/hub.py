@@ -8,9 +8,13 @@ stage's log and a note that `status` shows; training goes on. A full queue drops
 once) rather than wait.
 
 Steps are logged on the curriculum's global step (the stage's offset + its step), so the x-axis
-is monotonic across stages. A job that redoes steps after a crash (it resumed from a checkpoint
-older than what it had logged) logs nothing until it passes the last step the stage's
-metrics.jsonl already holds: no step reaches a tracker twice, none goes backwards.
+is monotonic across stages. Each step is recorded as handed to a tracker (tracking-sent.json)
+just before it is: a job that redoes steps after a crash (it resumed from a checkpoint older than
+what it had logged) sends a tracker nothing until it passes what that tracker already has, so no
+step reaches a tracker twice and none goes backwards. Steps an earlier job logged to metrics.jsonl
+but never got to a tracker (killed while its tracker was still connecting, or behind) are sent by
+the next job first, from metrics.jsonl, up to the step it resumed from; the steps after that it
+trains again itself. So a stage's tracker history ends up whole and in order.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,12 +31,14 @@ from progressive.tracking import files
 
 log = logging.getLogger("progressive.tracking")
 
-__all__ = ["TrackerHub", "open_hub", "logged_high_water"]
+__all__ = ["TrackerHub", "open_hub"]
 
 STEP_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "peak_mem_mb")
 QUEUE_SIZE = 10_000
-# At the end of a job (a time-out stop included, inside signal_delay): what is not sent by then stays unsent.
-CLOSE_TIMEOUT_S = 10.0
+# At the end of a job (a time-out stop included, inside signal_delay) the trackers get this long to connect,
+# if they are still at it, and send what is queued. What is not sent by then is sent by the stage's next job
+# (from metrics.jsonl), if it has one.
+CLOSE_TIMEOUT_S = 20.0
 
 
 class Sink(Protocol):
@@ -47,16 +52,14 @@ class Sink(Protocol):
     def close(self, outcome: str) -> None: ...  # noqa: E704  ("completed", "stopped" or "crashed")
 
 
-def logged_high_water(metrics_path: str | Path) -> int:
-    """The highest step the stage's metrics.jsonl holds (0 for none): steps up to it were already sent."""
-    return max((int(e["step"]) for e in read_metrics(metrics_path) if e.get("event") == "step"), default=0)
-
-
 class TrackerHub:
     """A queue and a thread in front of the sinks; `event` never blocks and never raises."""
 
-    def __init__(self, sinks: list[Sink], stage_dir: Path, offset: int, high_water: int) -> None:
-        self.sinks, self.stage_dir, self.offset, self.high_water = sinks, stage_dir, offset, high_water
+    def __init__(self, sinks: list[Sink], stage_dir: Path, offset: int, metrics_path: Path, resumed_at: int) -> None:
+        self.sinks, self.stage_dir, self.offset = sinks, stage_dir, offset
+        self.metrics_path, self.resumed_at = metrics_path, resumed_at
+        self.sent = files.read_sent(stage_dir)  # per tracker, the last global step handed to it
+        self.high_water = min(self.sent.get(s.name, 0) for s in sinks) - offset  # stage steps every tracker has
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=QUEUE_SIZE)
         self._dropped = False
         self._outcome = "crashed"
@@ -81,12 +84,11 @@ class TrackerHub:
             self._q.put(None, timeout=1.0)
         except queue.Full:
             pass
-        if not self._opened.is_set():  # still connecting (a server that does not answer): not worth waiting for
-            self._note("a tracker was still connecting when the job ended; its events of this job are lost")
-            return
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._note(f"trackers did not finish within {timeout:.0f} s at the end of the job; left behind")
+            what = "finish sending" if self._opened.is_set() else "connect"
+            self._note(f"a tracker did not {what} within {timeout:.0f} s of the job's end; the stage's next job "
+                       "sends what it missed")
 
     def _note(self, text: str) -> None:
         log.warning("tracking: %s", text)
@@ -110,6 +112,7 @@ class TrackerHub:
         for sink in list(self.sinks):
             self._call(sink, "open")
         self._opened.set()
+        self._catch_up()
         while True:
             ev = self._q.get()
             if ev is None:
@@ -118,13 +121,36 @@ class TrackerHub:
         for sink in list(self.sinks):
             self._call(sink, "close", self._outcome)
 
+    def _catch_up(self) -> None:
+        """Send what earlier jobs logged up to this job's resume step and a tracker does not have yet."""
+        if not self.sinks or self.resumed_at <= self.high_water:
+            return
+        latest: dict[int, dict[str, Any]] = {}
+        for ev in read_metrics(self.metrics_path):  # oldest first: a step's last line is what training kept
+            if ev.get("event") == "step" and self.high_water < int(ev["step"]) <= self.resumed_at:
+                latest[int(ev["step"])] = ev
+        for step in sorted(latest):
+            self._dispatch(latest[step])
+
     def _dispatch(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
         if kind == "step":
             values = {f"train/{k}": float(ev[k]) for k in STEP_KEYS if isinstance(ev.get(k), (int, float))}
             values["train/epoch"] = float(ev.get("epoch") or 0)
-            for sink in list(self.sinks):
-                self._call(sink, "step", self.offset + int(ev["step"]), values)
+            gstep = self.offset + int(ev["step"])
+            fresh = [s for s in self.sinks if gstep > self.sent.get(s.name, 0)]
+            if not fresh:
+                return
+            # Recorded before it is sent: killed in between, a tracker misses this one step rather than get it twice.
+            self.sent.update({s.name: gstep for s in fresh})
+            try:
+                files.write_sent(self.stage_dir, self.sent)
+            except OSError as exc:
+                self._note(f"cannot record the steps sent ({exc}); tracking stops for this job")
+                self.sinks.clear()
+                return
+            for sink in fresh:
+                self._call(sink, "step", gstep, values)
         elif kind == "completed":
             self._outcome = "completed"
             values = {f"eval/{k}": float(v) for k, v in (ev.get("eval") or {}).items() if isinstance(v, (int, float))}
@@ -135,8 +161,9 @@ class TrackerHub:
             self._outcome = "stopped"
 
 
-def open_hub(plan: Plan, stage: StagePlan) -> TrackerHub | None:
-    """The hub of this stage job's rank 0, or None when no tracker is on (TensorBoard is MetricsWriter's)."""
+def open_hub(plan: Plan, stage: StagePlan, resumed_at: int) -> TrackerHub | None:
+    """The hub of this stage job's rank 0 (which resumed after step `resumed_at`), or None when no tracker
+    is on (TensorBoard is MetricsWriter's)."""
     t = plan.tracking
     sinks: list[Sink] = []
     stage_dir = Path(stage.metrics_path).parent
@@ -150,8 +177,6 @@ def open_hub(plan: Plan, stage: StagePlan) -> TrackerHub | None:
         sinks.append(MlflowSink(plan, stage))
     if not sinks:
         return None
-    t0 = time.perf_counter()
-    high = logged_high_water(stage.metrics_path)
-    log.info("tracking: %s (steps up to %d already sent; %.2f s to read)", ", ".join(s.name for s in sinks), high,
-             time.perf_counter() - t0)
-    return TrackerHub(sinks, stage_dir, t.step_offsets.get(stage.name, 0), high)
+    hub = TrackerHub(sinks, stage_dir, t.step_offsets.get(stage.name, 0), Path(stage.metrics_path), resumed_at)
+    log.info("tracking: %s (already sent: %s)", ", ".join(s.name for s in sinks), hub.sent or "nothing")
+    return hub
