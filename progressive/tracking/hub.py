@@ -35,10 +35,11 @@ __all__ = ["TrackerHub", "open_hub"]
 
 STEP_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "peak_mem_mb")
 QUEUE_SIZE = 10_000
-# At the end of a job (a time-out stop included, inside signal_delay) the trackers get this long to connect,
-# if they are still at it, and send what is queued. What is not sent by then is sent by the stage's next job
-# (from metrics.jsonl), if it has one.
+# When a stage completes, the trackers get this long to connect, if they are still at it, and send what is
+# queued. A stopped job (the pre-timeout signal, a preemption) is inside signal_delay or GraceTime and gets
+# only STOP_CLOSE_TIMEOUT_S: what is not sent by then, the stage's next job sends from metrics.jsonl.
 CLOSE_TIMEOUT_S = 20.0
+STOP_CLOSE_TIMEOUT_S = 3.0
 
 
 class Sink(Protocol):
@@ -62,6 +63,7 @@ class TrackerHub:
         self.high_water = min(self.sent.get(s.name, 0) for s in sinks) - offset  # stage steps every tracker has
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=QUEUE_SIZE)
         self._dropped = False
+        self._completed = False  # seen on the training thread: how long close() may wait
         self._outcome = "crashed"
         self._opened = threading.Event()  # every sink's open() has returned (or failed)
         self._thread = threading.Thread(target=self._run, name="progressive-trackers", daemon=True)
@@ -71,6 +73,7 @@ class TrackerHub:
         """Take one metrics event (called by MetricsWriter on the training thread)."""
         if ev.get("event") == "step" and int(ev["step"]) <= self.high_water:
             return  # redone after a crash: the tracker has it already
+        self._completed = self._completed or ev.get("event") == "completed"
         try:
             self._q.put_nowait(ev)
         except queue.Full:
@@ -78,8 +81,10 @@ class TrackerHub:
                 self._dropped = True
                 self._note("trackers fell behind: events dropped (a tracker is slow or its server does not answer)")
 
-    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Let the thread send what is queued and close the sinks, waiting at most `timeout` seconds."""
+    def close(self, timeout: float | None = None) -> None:
+        """Let the thread send what is queued and close the sinks, waiting at most `timeout` seconds
+        (default: CLOSE_TIMEOUT_S when the stage completed, else STOP_CLOSE_TIMEOUT_S)."""
+        timeout = timeout if timeout is not None else CLOSE_TIMEOUT_S if self._completed else STOP_CLOSE_TIMEOUT_S
         try:
             self._q.put(None, timeout=1.0)
         except queue.Full:
@@ -87,8 +92,8 @@ class TrackerHub:
         self._thread.join(timeout)
         if self._thread.is_alive():
             what = "finish sending" if self._opened.is_set() else "connect"
-            self._note(f"a tracker did not {what} within {timeout:.0f} s of the job's end; the stage's next job "
-                       "sends what it missed")
+            later = "" if self._completed else "; the stage's next job sends what it missed"
+            self._note(f"a tracker did not {what} within {timeout:.0f} s of the job's end{later}")
 
     def _note(self, text: str) -> None:
         log.warning("tracking: %s", text)
