@@ -46,12 +46,13 @@ SLURM_DEFAULTS = {"cpus_per_task": "1", "mem": '"1G"', "time": '"5m"', "signal_d
 
 
 def write_graph(tmp_path: Path, data: Path, run: str, stages: str, *, task: str = "tests.tasks:SlowTask",
-                options: str = "step_sleep = 0.0", slurm: dict[str, str] | None = None) -> Path:
-    """A stage graph for these tests: tiny model, 1 CPU, 1 GB, 5-minute jobs unless `slurm` says otherwise."""
+                options: str = "step_sleep = 0.0", slurm: dict[str, str] | None = None, tables: str = "") -> Path:
+    """A stage graph for these tests: tiny model, 1 CPU, 1 GB, 5-minute jobs unless `slurm` says otherwise;
+    `tables` adds whole tables (e.g. [tracking.wandb])."""
     slurm_table = "".join(f"{k} = {v}\n" for k, v in {**SLURM_DEFAULTS, **(slurm or {})}.items())
     text = (f'[run]\nname = "{run}"\ndata = "{data}"\nseed = 3\n'
             f'[slurm]\n{slurm_table}'
-            f'[train]\nlr = 0.003\ncheckpoint_every = 50\neval_samples = 1\n'
+            f'[train]\nlr = 0.003\ncheckpoint_every = 50\neval_samples = 1\n{tables}\n'
             f'[model]\ntask = "{task}"\n[model.options]\nhidden = 8\nlayers = 1\n{options}\n{stages}')
     path = tmp_path / f"{run}.toml"
     path.write_text(text)
@@ -116,12 +117,15 @@ def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, slu
     """A 2-minute job that needs ~3.6 minutes of work requeues itself, redoes no step, and ends with
     exactly the weights of the same stage run locally without interruption. Requeued jobs start again
     when Slurm makes them eligible (cred_expire + 1 s after the requeue): releasing them earlier gets
-    them killed ("Job credential revoked")."""
+    them killed ("Job credential revoked"). With W&B (offline) and MLflow (sqlite) on: one tracker run
+    for the stage across its jobs, each history whole, in order, with no step twice."""
     stages = stage("long", 16, 2, 12, 'init_from = "none"')
     # 144 steps of >= 1.5 s: cut at least twice (see LIMIT). max_requeues 20: the test is about requeues
     # working, not about how many a stage needs on a loaded machine.
+    ml = tmp_path / "ml.db"
     cfg = write_graph(tmp_path, tiny_dataset, "requeue", stages, options="step_sleep = 1.5",
-                      slurm={"time": LIMIT, "max_requeues": "20"})
+                      slurm={"time": LIMIT, "max_requeues": "20"},
+                      tables=f'[tracking.wandb]\nmode = "offline"\n[tracking.mlflow]\ntracking_uri = "sqlite:///{ml}"\n')
     submit(cfg)
     jobs = slurm_jobs
     done = wait_for(lambda: ended("requeue", jobs), REQUEUED_STAGE, "the stage's job to end")
@@ -131,6 +135,15 @@ def test_time_limit_requeues_and_ends_bitwise_identical(slurm_cluster: None, slu
     assert steps[-1] == done["long"]["total_steps"]
     starts = [e for e in events(jobs / "requeue" / "stages" / "long" / "metrics.jsonl") if e.get("event") == "start"]
     assert len(starts) >= 3 and all(s["resumed_from"] for s in starts[1:])
+    from tests.test_tracking import mlflow_runs, wandb_segments
+
+    segs = wandb_segments(jobs / "requeue" / "stages" / "long")
+    assert 2 <= len(segs) <= len(starts) and len({s[0] for s in segs}) == 1, segs  # one W&B run for the stage
+    assert [step for seg in segs for step in seg[3]] == list(range(1, steps[-1] + 1))
+    tracked = mlflow_runs(f"sqlite:///{ml}", experiment="requeue")
+    assert set(tracked["runs"]) == {"requeue", "requeue.long"}
+    assert tracked["history"]["requeue.long"] == list(range(1, steps[-1] + 1))
+    assert tracked["runs"]["requeue.long"].info.status == "FINISHED"
 
     local_cfg = write_graph(tmp_path, tiny_dataset, "reference", stages, options="step_sleep = 0.0")
     proc = run_cli("submit", "--local", "-c", str(local_cfg), cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"})
