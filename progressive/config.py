@@ -132,6 +132,9 @@ class TrainConfig(_Strict):
                         "it must cover rank 0's evaluation and checkpoint saves, which the others wait for.")
     checkpoint_every: str | int = Field("30m", description="Periodic checkpoint: a duration (\"30m\") or a number of optimizer steps.")
     keep_checkpoints: PositiveInt = Field(2, description="Periodic checkpoints kept per stage (the final one is kept apart).")
+    async_checkpoint: bool = Field(
+        False, description="Write periodic checkpoints in the background: training waits only for the copy of the "
+                           "state to host memory (stop and end saves stay synchronous).")
     num_workers: Annotated[int, Field(ge=0)] = Field(0, description="DataLoader workers (0 measured fastest on 2 cores).")
     eval_samples: Annotated[int, Field(ge=0)] = Field(16, description="Validation matrices evaluated at the end of the stage (0: none).")
     log_every: PositiveInt = Field(1, description="Write a metrics line every this many optimizer steps.")

@@ -39,7 +39,7 @@ SPLITS = ("train", "val", "test")
 # deterministic/tf32/dist_timeout change how fast, not what, a stage learns (bits aside): a stage may switch them
 # between its jobs, and checkpoints written before these keys existed still resume.
 _NOT_IN_FINGERPRINT = {"checkpoint_every", "keep_checkpoints", "log_every", "throughput", "tensorboard", "num_workers",
-                       "eval_samples", "deterministic", "tf32", "dist_timeout"}
+                       "eval_samples", "deterministic", "tf32", "dist_timeout", "async_checkpoint"}
 
 
 class _Data(BaseModel):

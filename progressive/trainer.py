@@ -34,14 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from progressive.checkpoint import (
-    clean_temp_files,
-    latest_checkpoint,
-    prune_checkpoints,
-    restore_rng,
-    save_atomic,
-    step_path,
-)
+from progressive.checkpoint import clean_temp_files, latest_checkpoint, restore_rng, save_atomic, step_path
 from progressive.data.loader import ResumableSampler, make_loader
 from progressive.distributed import (
     DistInfo,
@@ -68,6 +61,7 @@ from progressive.layout import TENSORBOARD_DIR
 from progressive.metrics import MetricsWriter, peak_memory_mb
 from progressive.config import TrainConfig
 from progressive.plan import Plan, StagePlan, steps_per_epoch
+from progressive.saver import CheckpointWriter
 from progressive.signals import job_signals
 from progressive.task import Task, load_task
 from progressive.tracking.hub import open_hub
@@ -183,6 +177,7 @@ class _Job:
     per_rank: int  # samples per rank per epoch
     precision: str
     autocast: Callable[[], Any]
+    saver: CheckpointWriter  # rank 0's step-checkpoint writes (in the background with async_checkpoint)
 
     @property
     def loc(self) -> str:
@@ -280,6 +275,7 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
             stop, due, loss = _agree(job, stop_requested(), clock.due(state.step, now), done.loss_sum)
             state.elapsed_s += now - done.t0
             _log_step(job, state, metrics, done, loss, now - done.t0)
+            _log_saves(job, metrics)
             if stop:
                 return _stop(job, state, metrics)
             if due and state.step < job.total:
@@ -337,7 +333,7 @@ def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _
                           train_samples=n_train, world_size=dist.world_size)
     return _Job(plan=plan, stage=stage, dist=dist, dev=dev, task=task, parts=parts, loader=loader, ident=ident,
                 spe=spe, per_rank=math.ceil(n_train / dist.world_size), precision=precision,
-                autocast=autocast_for(precision, dev))
+                autocast=autocast_for(precision, dev), saver=CheckpointWriter(stage.checkpoint_dir, tc.keep_checkpoints))
 
 
 def _restore(job: _Job) -> TrainState:
@@ -544,16 +540,29 @@ def _save(job: _Job, state: TrainState, metrics: MetricsWriter, reason: str) -> 
     # The sampler records what training consumed, not how far the loader prefetched; the live
     # iterator already holds its order, so moving the sampler's position does not disturb it.
     job.parts.sampler.set_epoch(*job.position(state.step))
+    background = job.stage.train.async_checkpoint and reason == "periodic"
     if job.dist.is_main and rngs is not None:
-        save_atomic(job.parts.capture(job.ident, state, rngs, job.precision).to_dict(), path)
-        prune_checkpoints(job.stage.checkpoint_dir, job.stage.train.keep_checkpoints)
-        secs = time.perf_counter() - t0
-        metrics.write({"event": "checkpoint", "step": state.step, "reason": reason, "path": str(path),
-                       "seconds": secs, "time": time.time()})
-        log.info("stage %s: saved %s (%s, %.2fs)", job.stage.name, path.name, reason, secs)
-    barrier(job.dist)  # nobody runs ahead (or returns) before the file is in place
+        job.saver.save(job.parts.capture(job.ident, state, rngs, job.precision).to_dict(), path, state.step, reason,
+                       background=background)
+        _log_saves(job, metrics, gathered_s=time.perf_counter() - t0 if not background else 0.0)
+    if not background:
+        barrier(job.dist)  # nobody runs ahead (or returns) before the file is in place
     state.last_saved_step = state.step
     return path
+
+
+def _log_saves(job: _Job, metrics: MetricsWriter, gathered_s: float = 0.0) -> None:
+    """A metrics line for each save that has finished (a background one ends while training goes on)."""
+    if not job.dist.is_main:
+        return
+    for done in job.saver.finished():
+        # seconds: what the save cost the training loop (for a background save only the copy to host memory),
+        # as `progressive report` accounts it; write_s: the write itself.
+        secs = done.blocked_s if done.background else max(done.blocked_s, gathered_s)
+        metrics.write({"event": "checkpoint", "step": done.step, "reason": done.reason, "path": str(done.path),
+                       "seconds": secs, "write_s": done.write_s, "background": done.background, "time": time.time()})
+        log.info("stage %s: saved %s (%s, %.2fs%s)", job.stage.name, done.path.name, done.reason, done.write_s,
+                 f", the loop waited {done.blocked_s:.2f}s" if done.background else "")
 
 
 def _stop(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:

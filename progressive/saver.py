@@ -1,0 +1,108 @@
+"""Rank 0's step-checkpoint writes during training: in the training thread, or in the background.
+
+`[train] async_checkpoint = true` makes periodic saves asynchronous: the step loop blocks only
+while the state is copied to host memory (training then changes the live tensors in place);
+the write, its fsync and atomic rename, and the rotation of old checkpoints happen on a
+background thread, at most one at a time (a save due while one is in flight waits for it). Stop
+and end-of-stage saves stay synchronous, after any write in flight: the pre-timeout or
+preemption save is complete before the job requeues. A process killed during a background write
+leaves a temp file (removed at the next start) and the previous checkpoint intact.
+
+A background write that fails (a full disk) is raised in the training thread at the next step,
+as a synchronous save would have raised it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from progressive.checkpoint import prune_checkpoints, save_atomic
+
+__all__ = ["CheckpointWriter", "SaveDone", "to_host"]
+
+
+@dataclass(frozen=True)
+class SaveDone:
+    """A finished save, for the metrics line: when the loop was blocked and how long the write took."""
+
+    step: int
+    path: Path
+    reason: str
+    blocked_s: float  # the training loop's wait: the whole save, or only the copy to host memory
+    write_s: float  # torch.save + fsync + rename (+ rotation)
+    background: bool
+
+
+def to_host(obj: Any) -> Any:
+    """A copy of a checkpoint dict whose tensors are fresh CPU tensors (training may change the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes a stage's step checkpoints and rotates them; at most one background write in flight."""
+
+    def __init__(self, stage_dir: str | Path, keep: int) -> None:
+        self.stage_dir, self.keep = Path(stage_dir), keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done: list[SaveDone] = []
+        self._lock = threading.Lock()
+
+    def save(self, state: dict[str, Any], path: Path, step: int, reason: str, *, background: bool) -> None:
+        """Write `state` to `path` now, or (background) copy it and write it on the writer's thread."""
+        t0 = time.perf_counter()
+        self.wait()  # one in flight at most; a stop or end save comes after the periodic one before it
+        if not background:
+            self._write(state, path, step, reason, t0, background=False)
+            return
+        copy = to_host(state)
+        blocked = time.perf_counter() - t0
+        # Not a daemon: a job that ends (or fails) while a write is in flight finishes the write first.
+        self._thread = threading.Thread(target=self._write, args=(copy, path, step, reason, blocked),
+                                        kwargs={"background": True}, name="progressive-checkpoint")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], path: Path, step: int, reason: str, t0_or_blocked: float, *,
+               background: bool) -> None:
+        start = time.perf_counter()
+        try:
+            save_atomic(state, path)
+            prune_checkpoints(self.stage_dir, self.keep)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the training thread)
+            if not background:
+                raise
+            self._error = exc
+            return
+        write_s = time.perf_counter() - start
+        blocked = t0_or_blocked if background else time.perf_counter() - t0_or_blocked
+        with self._lock:
+            self._done.append(SaveDone(step, path, reason, blocked, write_s, background))
+
+    def wait(self) -> None:
+        """Until no write is in flight; raises the error of a failed background write."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def finished(self) -> list[SaveDone]:
+        """Saves finished since the last call (raises the error of a failed background write)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+        with self._lock:
+            done, self._done = self._done, []
+        return done
