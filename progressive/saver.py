@@ -39,15 +39,38 @@ class SaveDone:
     background: bool
 
 
-def to_host(obj: Any) -> Any:
-    """A copy of a checkpoint dict whose tensors are fresh CPU tensors (training may change the originals)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
-    return obj
+def to_host(obj: Any, buffers: list[torch.Tensor] | None = None) -> Any:
+    """A copy of a checkpoint dict whose tensors are CPU tensors of their own (training changes the originals).
+
+    `buffers`: host tensors of an earlier copy of the same layout, reused where shape and dtype match
+    (then filled in order, and the list updated): a copy into memory already mapped is ~2x faster than
+    one that must first fault in fresh pages, and the state's layout rarely changes between saves.
+    """
+    pool = iter(list(buffers)) if buffers is not None else None
+    used: list[torch.Tensor] = []
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        old = next(pool, None) if pool is not None else None
+        if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+            out = old.copy_(t.detach())
+        else:
+            out = t.detach().to("cpu", copy=True)
+        used.append(out)
+        return out
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return copy(o)
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(walk(v) for v in o)
+        return o
+
+    result = walk(obj)
+    if buffers is not None:
+        buffers[:] = used
+    return result
 
 
 class CheckpointWriter:
@@ -59,6 +82,7 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._done: list[SaveDone] = []
         self._lock = threading.Lock()
+        self._buffers: list[torch.Tensor] = []  # the last background copy's host tensors, reused by the next
 
     def save(self, state: dict[str, Any], path: Path, step: int, reason: str, *, background: bool) -> None:
         """Write `state` to `path` now, or (background) copy it and write it on the writer's thread."""
@@ -67,7 +91,7 @@ class CheckpointWriter:
         if not background:
             self._write(state, path, step, reason, t0, background=False)
             return
-        copy = to_host(state)
+        copy = to_host(state, self._buffers)  # safe to overwrite: wait() above means no write reads them now
         blocked = time.perf_counter() - t0
         # Not a daemon: a job that ends (or fails) while a write is in flight finishes the write first.
         self._thread = threading.Thread(target=self._write, args=(copy, path, step, reason, blocked),
