@@ -16,17 +16,25 @@ if TYPE_CHECKING:
 @lru_cache(maxsize=None)
 def console() -> "Console":
     """The stdout console (rich, imported on first use)."""
-    from rich.console import Console
-
-    return Console(highlight=False, width=_width())
+    return _new_console(stderr=False)
 
 
 @lru_cache(maxsize=None)
 def err_console() -> "Console":
     """The stderr console."""
+    return _new_console(stderr=True)
+
+
+def _new_console(*, stderr: bool) -> "Console":
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, width=_width())
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 here; `main` ends every closed pipe the same way (quietly, 141).
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console(stderr=stderr, highlight=False, width=_width())
 
 
 def _width() -> int | None:

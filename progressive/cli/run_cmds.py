@@ -128,8 +128,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
         sub = rec.stages[st.name].submissions[-1]
         t.add_row(st.name, sub.job_id, sub.dependency or "-")
     con.print(t)
-    con.print(f"watch: progressive status {rec.run_name}    logs: progressive logs {rec.run_name} STAGE")
+    ref = run_ref(rec)
+    print_next(f"progressive status {ref} --watch", f"progressive logs {ref} {plan.stages[0].name}",
+               f"progressive cancel {ref}")
     return 0
+
+
+def run_ref(rec: Any) -> str:
+    """How a command names this run: `NAME`, plus `--jobs DIR` when its records are not under ./jobs."""
+    jobs_root = Path(rec.run_dir).parent
+    if jobs_root.resolve() == Path("jobs").resolve():
+        return rec.run_name
+    return f"{rec.run_name} --jobs {rel(jobs_root)}"
+
+
+def print_next(*commands: str) -> None:
+    """The commands a user types next, one a line (copyable: no markup, no wrapping)."""
+    con = console()
+    con.print("next:", style="bold")
+    for cmd in commands:
+        con.print(f"  {cmd}", markup=False, soft_wrap=True)
 
 
 def _run_local(rec: Any) -> int:
@@ -155,17 +173,37 @@ def _run_local(rec: Any) -> int:
                 con.print(f"[yellow]stopped[/] {name} at step {outcome.step}/{outcome.total_steps}; "
                           f"checkpoint {rel(outcome.checkpoint)}. Continue with: progressive resume {rec.run_name}")
             elif event == "failed":
-                con.print(f"[red]failed[/] {name}: {outcome}")
+                # The error itself is printed once, by `main`, when run_local re-raises it.
+                con.print(f"[red]failed[/] {name}; its log: {rel(rec.layout.stage(name).local_log)}")
 
         def on_progress(name: str, m: dict[str, Any]) -> None:
             if name in tasks and "step" in m:
-                bar.update(tasks[name], completed=m["step"], info=f"loss {m.get('loss', float('nan')):.4g}")
+                loss = _loss_text(m)
+                if loss is None:
+                    bar.update(tasks[name], completed=m["step"])
+                else:
+                    bar.update(tasks[name], completed=m["step"], info=loss)
 
         results = run_local(rec, on_progress=on_progress, on_stage=on_stage)
     if all(v == "completed" for v in results.values()) and len(results) == len(rec.plan.stages):
         show_results(rec)
+        ref = run_ref(rec)
+        print_next(f"progressive report {ref}", f"progressive status {ref}",
+                   f"progressive logs {ref} {rec.plan.stages[-1].name}")
         return 0
     return 130
+
+
+def _loss_text(m: dict[str, Any]) -> str | None:
+    """The bar's loss field for one metrics line: None when the line carries no loss.
+
+    Checkpoint and end-of-stage lines have a step but no loss; keeping the last real one shows
+    `80/80 loss 0.091`, not `loss nan`. A loss that is itself NaN (a diverged run) is shown as such.
+    """
+    loss = m.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return f"loss {loss:.4g}"
+    return None
 
 
 def _fmt_eval(ev: dict[str, Any]) -> str:
@@ -270,12 +308,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     rec = runs.find_run(Path(args.jobs), args.run, verb="resume")
     backend = get_backend(rec.mode)
     actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
+    con = console()
+    if not any(a.action.endswith("submit") for a in actions):
+        con.print(f"nothing to resume: {_nothing_left(rec.run_name, actions)}")
+        if all(a.action.startswith("skip") for a in actions):
+            con.print(f"next: progressive report {rec.run_name}")
+        return 0
     if backend.runs_in_process:
-        if args.dry_run:
-            for a in actions:
-                console().print(f"{a.stage}: {'skip (completed)' if a.action.startswith('skip') else 'run locally'}")
-            return 0
-        return _run_local(rec)
+        for a in actions:
+            if a.action.endswith("submit"):
+                con.print(f"{'would resume' if args.dry_run else 'resuming'} {resume_origin(a)}")
+        return 0 if args.dry_run else _run_local(rec)
     from rich.table import Table
 
     t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
@@ -284,10 +327,33 @@ def cmd_resume(args: argparse.Namespace) -> int:
     for a in actions:
         t.add_row(a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
                   rel(a.from_checkpoint) if a.from_checkpoint else "-")
-    console().print(t)
-    if not any(a.action.endswith("submit") for a in actions):
-        console().print("nothing to resubmit: every stage is complete or live")
+    con.print(t)
+    for a in actions:
+        if a.new_job:
+            con.print(f"resubmitted {resume_origin(a)} as job {a.new_job}")
     return 0
+
+
+def _nothing_left(run: str, actions: list[Any]) -> str:
+    """Why resume has nothing to do: every stage complete, or the rest still queued or running."""
+    done = sum(a.action.startswith("skip") for a in actions)
+    if done == len(actions):
+        return f"run {run} is complete ({done} of {done} stages)"
+    live = [a.stage for a in actions if a.action.startswith("keep")]
+    return f"{done} of {len(actions)} stages of run {run} are complete, the rest live ({', '.join(live)})"
+
+
+def resume_origin(action: Any) -> str:
+    """Where a resumed stage starts: `small_512 from step 112`, or from the start (and whose weights)."""
+    from progressive.layout import STEP_RE
+
+    ckpt = action.from_checkpoint
+    match = STEP_RE.match(Path(ckpt).name) if ckpt else None
+    if match:
+        return f"{action.stage} from step {int(match.group(1))}"
+    if ckpt:
+        return f"{action.stage} from the start, initialised from {rel(ckpt)}"
+    return f"{action.stage} from the start"
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
