@@ -15,6 +15,7 @@ import pytest
 from progressive import record, runs
 from progressive.backends import Backend, JobInfo, get_backend
 from progressive.config import parse_config
+from progressive.data.counts import write_count_index
 from progressive.errors import RunError
 from progressive.plan import Plan, StagePlan, build_plan
 from progressive.states import FINAL, LIVE, RESUMABLE, RUNNING_OR_QUEUED, SLURM_STATES, StageState, from_slurm
@@ -97,7 +98,14 @@ def make_plan(tmp_path: Path, select: list[str] | None = None) -> Plan:
     cfg_path.write_text(GRAPH)
     counts = {16: {"train": 8, "val": 1, "test": 1}, 32: {"train": 8, "val": 1, "test": 1},
               64: {"train": 8, "val": 1, "test": 1}}
-    return build_plan(parse_config(GRAPH, str(cfg_path)), cfg_path, counts=lambda _: counts, select=select)
+    cfg = parse_config(GRAPH, str(cfg_path))
+    plan = build_plan(cfg, cfg_path, counts=lambda _: counts, select=select)
+    # The data as resume finds it again (it checks the data now): a file with a count index.
+    data = Path(plan.data_path)
+    if not data.exists():
+        data.write_bytes(b"tokens")
+        write_count_index(data, counts, task=cfg.model.task, options=cfg.model.options)
+    return plan
 
 
 def finish(plan: Plan, stage: str) -> None:

@@ -79,10 +79,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from progressive.calibration import CalibrationError, calibration_path
     from progressive.calibration_jobs import calibrate_local, calibrate_slurm
 
+    from progressive.plan import check_data
+
     plan = load_plan(args)
-    if plan.data_error:
-        raise CalibrationError(plan.data_error, loc=rel(plan.config_path),
-                               hint="generate the data first (`progressive data generate`)")
+    check_data(plan)  # the same words and exit code as plan, submit and resume
     options = {"steps": args.steps, "warmup": args.warmup, "min_seconds": args.min_seconds, "find_batch": args.find_batch_size, "margin": args.margin}
     con = console()
     quiet = args.json

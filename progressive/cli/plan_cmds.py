@@ -37,6 +37,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="also print each stage's exact sbatch script")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (includes the sbatch scripts)")
+    p.add_argument("--check", action="store_true",
+                   help="exit non-zero on any problem: data, parent weights, calibration, stages that cannot finish "
+                   "or do not fit (for CI)")
     p.set_defaults(handler=cmd_plan)
 
     s = sub.add_parser("schema", help="print the JSON Schema of stages.toml (for editors)")
@@ -80,13 +83,39 @@ def load_plan(args: argparse.Namespace, *, ask_task: bool = False) -> "Plan":
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Handler of `progressive plan`."""
+    from progressive.plan import bucket_problems, check_data
+
     plan = load_plan(args)
     if args.json:
         print(json.dumps(plan_json(plan), indent=2))
-        return 0
-    show_plan(plan)
-    if args.dry_run:
-        show_scripts(plan)
+    else:
+        show_plan(plan)
+        if args.dry_run:
+            show_scripts(plan)
+    if bucket_problems(plan) or (args.check and plan.data_error):
+        check_data(plan)  # raises: the same words and exit code as submit, calibrate and resume
+    if args.check:
+        return _check(plan)
+    return 0
+
+
+CHECK_FAILED = 1  # plan --check: the plan itself resolved, but something in it would fail
+
+
+def _check(plan: "Plan") -> int:
+    """`plan --check` after the data check: parent weights, calibration, and the stages it flags."""
+    from progressive.calibration import estimates
+    from progressive.cli.render import err_console
+    from progressive.plan import missing_weights
+
+    ests, problem = estimates(plan)
+    found = missing_weights(plan) + ([f"calibration: {problem}"] if problem else [])
+    found += [f"stage {st.name!r}: {flag}" for st in plan.stages for flag in ests[st.name].flags]
+    for line in found:
+        err_console().print(f"check: {line}", markup=False, soft_wrap=True)
+    if found:
+        err_console().print(f"plan --check: {len(found)} problem(s)", markup=False)
+        return CHECK_FAILED
     return 0
 
 
@@ -220,8 +249,14 @@ def show_plan(plan: "Plan") -> None:
 
     if problem:
         con.print(f"[red]calibration: {escape(problem)}[/]")
+    from progressive.plan import bucket_problems
+
+    # A stage whose bucket the data lacks gets the data error (after the table), not calibration advice.
+    lacking = {line.split("'")[1] for line in bucket_problems(plan)}
     for st in plan.stages:
         est = ests[st.name]
+        if st.name in lacking:
+            continue
         for flag in est.flags:
             con.print(f"[bold red]{st.name}: {escape(flag)}[/]")
         for note in est.notes:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
-from progressive.cli.render import console
+from progressive.cli.render import console, err_console
 from progressive.errors import DataError, RunError
 from progressive.states import StageState
 
@@ -154,9 +154,12 @@ def _run_local(rec: Any) -> int:
     """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from progressive.backends.local import run_local
+    from progressive.backends.local import run_local, unhonoured_requests
 
     con = console()
+    gpus, mem_mb = _machine()
+    for warning in unhonoured_requests(rec.plan, gpus=gpus, mem_mb=mem_mb):
+        err_console().print(f"warning: {warning}", markup=False, soft_wrap=True)
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=con,
@@ -192,6 +195,19 @@ def _run_local(rec: Any) -> int:
                    f"progressive logs {ref} {rec.plan.stages[-1].name}")
         return 0
     return 130
+
+
+def _machine() -> tuple[int, int | None]:
+    """This machine's GPU count (as torch sees them) and memory in MB (None when unknown)."""
+    import os
+
+    import torch  # local mode is about to train: torch is imported either way
+
+    try:
+        mem_mb: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        mem_mb = None
+    return torch.cuda.device_count(), mem_mb
 
 
 def _loss_text(m: dict[str, Any]) -> str | None:
