@@ -233,3 +233,65 @@ def find_run(jobs_root: Path, run: str | None, *, verb: str = "status") -> RunRe
         raise RunError(f"no runs under {jobs_root}", loc=verb,
                        hint="submit one with `progressive submit` (or `progressive submit --local`)")
     return record.load(runs[0])
+
+
+# ------------------------------------------------------------------ listing runs
+
+@dataclass
+class RunSummary:
+    """One line of `progressive runs`: a run, its mode, where it stands and when it last changed."""
+
+    name: str
+    mode: str
+    state: str
+    stages_done: int
+    stages: int
+    last_change: str  # ISO time of the newest write to its record or any stage's metrics
+    note: str = ""  # why the state is unknown (Slurm did not answer), if it is
+
+    def as_json(self) -> dict[str, object]:
+        """The `runs --json` form."""
+        return dict(self.__dict__)
+
+
+# The run's state is its most telling stage's: a failure outranks progress, progress outranks waiting.
+_RUN_STATE_ORDER = (S.BLOCKED, S.FAILED, S.TIMEOUT, S.CANCELLED, S.STOPPED, S.UNKNOWN, S.RUNNING, S.SUSPENDED,
+                    S.PENDING, S.NOT_STARTED, S.NOT_SUBMITTED, S.PRUNED, S.COMPLETED)
+
+
+def run_state(states: list[StageState]) -> StageState:
+    """One word for a run from its stages' states: `completed` only when every stage is."""
+    if states and all(s is S.COMPLETED for s in states):
+        return S.COMPLETED
+    return next((s for s in _RUN_STATE_ORDER if s in states), S.UNKNOWN)
+
+
+def summarize_runs(jobs_root: Path) -> list[RunSummary]:
+    """Every run under jobs_root, newest first (one backend query per run that is not complete)."""
+    from progressive.errors import ProgressiveError
+
+    out: list[RunSummary] = []
+    for run_dir in record.list_runs(jobs_root):
+        rec = record.load(run_dir)
+        done = sum(is_complete(st.final_checkpoint) for st in rec.plan.stages)
+        note = ""
+        if done == len(rec.plan.stages):
+            state = S.COMPLETED
+        else:
+            try:
+                state = run_state([s.state for s in stage_statuses(rec)])
+            except ProgressiveError as exc:  # Slurm unreachable from here: list the run anyway
+                state, note = S.UNKNOWN, exc.msg.splitlines()[0]
+        out.append(RunSummary(rec.run_name, rec.mode, state.value, done, len(rec.plan.stages),
+                              _last_change(rec), note))
+    return out
+
+
+def _last_change(rec: RunRecord) -> str:
+    """When the run last changed: its record, or a stage's metrics (a running stage writes only those)."""
+    import time
+
+    paths = [record.record_path(rec.run_dir), *(Path(st.metrics_path) for st in rec.plan.stages)]
+    mtimes = [p.stat().st_mtime for p in paths if p.is_file()]
+    # The same form as the record's own times (`units.now_iso`).
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(max(mtimes))) if mtimes else rec.updated_at

@@ -10,6 +10,7 @@ from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
 from progressive.cli.render import console, err_console
+from progressive.cli.runs_cmd import add_run_args, choose_run
 from progressive.errors import DataError, RunError
 from progressive.states import StageState
 
@@ -36,20 +37,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(handler=cmd_submit)
 
     s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
-    _run_args(s)
+    add_run_args(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--watch", nargs="?", type=_positive_seconds, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage is final")
     s.set_defaults(handler=cmd_status)
 
     r = sub.add_parser("resume", help="resubmit stages that failed, timed out or were cancelled, from their last checkpoint")
-    _run_args(r)
+    add_run_args(r)
     r.add_argument("--dry-run", action="store_true", help="show what would be resubmitted")
     r.set_defaults(handler=cmd_resume)
 
     lg = sub.add_parser("logs", help="print a stage's job output")
     lg.add_argument("args", nargs="+", metavar="[RUN] STAGE")
-    _jobs_root_arg(lg)
+    add_run_args(lg, positional=False)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
     lg.add_argument("--err", action="store_true", help="the job's stderr instead of stdout")
     lg.add_argument("--task", type=_task_arg, default=0, metavar="N|all",
@@ -57,7 +58,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     lg.set_defaults(handler=cmd_logs)
 
     c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
-    _run_args(c)
+    add_run_args(c)
     c.add_argument("--stages", metavar="A,B,...", help="only these stages")
     c.set_defaults(handler=cmd_cancel)
 
@@ -68,14 +69,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.set_defaults(handler=cmd_demo)
 
 
-def _jobs_root_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """RUN (optional) and --jobs: how status, resume and cancel find a run."""
-    p.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the most recent run under the jobs folder)")
-    _jobs_root_arg(p)
 
 
 def _positive_seconds(text: str) -> float:
@@ -267,11 +260,11 @@ def _num(v: Any) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `progressive status`."""
-    from progressive import record, runs
+    from progressive import record
     from progressive.states import FINAL
     from progressive.status import stage_statuses
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="status")
+    rec = choose_run(args, verb="status")
     while True:
         rec = record.load(rec.run_dir)  # a resume in between changes the job ids
         statuses = stage_statuses(rec)
@@ -321,7 +314,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from progressive import runs
     from progressive.backends import get_backend
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="resume")
+    rec = choose_run(args, verb="resume")
     backend = get_backend(rec.mode)
     actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
     con = console()
@@ -377,7 +370,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from progressive import runs
     from progressive.cli.plan_cmds import split_stages
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="cancel")
+    rec = choose_run(args, verb="cancel")
     ids = runs.cancel(rec, split_stages(args.stages))
     console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
                     f"continue later with: progressive resume {rec.run_name}")
@@ -386,13 +379,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Handler of `progressive logs [RUN] STAGE`."""
-    from progressive import runs
     from progressive.status import log_files
 
     if len(args.args) > 2:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
-    rec = runs.find_run(Path(args.jobs), run, verb="logs")
+    rec = choose_run(args, verb="logs", run=run)
     files = log_files(rec, stage, task=args.task)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
