@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
-from progressive.cli.render import console, err_console
+from progressive.cli.plan_cmds import add_config_args, add_wide_arg, load_plan, rel, show_plan, show_scripts
+from progressive.cli.render import Col, console, err_console, print_table
 from progressive.cli.runs_cmd import add_run_args, choose_run
 from progressive.errors import DataError, RunError
 from progressive.states import StageState
@@ -32,6 +32,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="show what would be submitted (same as plan --dry-run)")
     p.add_argument("--local", action="store_true", help="run the stages on this machine, one after another")
+    add_wide_arg(p)
     p.add_argument("--force", action="store_true",
                    help="submit even stages the calibration says cannot finish within their requeues or do not fit")
     p.set_defaults(handler=cmd_submit)
@@ -39,6 +40,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
     add_run_args(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    add_wide_arg(s)
     s.add_argument("--watch", nargs="?", type=_positive_seconds, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage is final")
     s.set_defaults(handler=cmd_status)
@@ -46,6 +48,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     r = sub.add_parser("resume", help="resubmit stages that failed, timed out or were cancelled, from their last checkpoint")
     add_run_args(r)
     r.add_argument("--dry-run", action="store_true", help="show what would be resubmitted")
+    add_wide_arg(r)
     r.set_defaults(handler=cmd_resume)
 
     lg = sub.add_parser("logs", help="print a stage's job output")
@@ -66,6 +69,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in copy of examples/tiny.toml,"
                    " writing data/, jobs/ and checkpoints/ under the current folder)")
     d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
+    add_wide_arg(d)
     d.set_defaults(handler=cmd_demo)
 
 
@@ -99,7 +103,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     plan = load_plan(args, ask_task=not args.dry_run)  # data without an index: the task counts it
     if args.dry_run:
-        show_plan(plan)
+        show_plan(plan, wide=args.wide)
         show_scripts(plan)
         return 0
     if not args.force:
@@ -111,16 +115,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     con = console()
     if args.local:
         con.print(f"run [bold]{rec.run_name}[/] on this machine; records in {rel(rec.run_dir)}")
-        return _run_local(rec)
-    from rich.table import Table
-
-    t = Table(title=f"run {rec.run_name}: submitted", header_style="bold")
-    for col in ("stage", "job id", "after"):
-        t.add_column(col)
-    for st in plan.stages:
-        sub = rec.stages[st.name].submissions[-1]
-        t.add_row(st.name, sub.job_id, sub.dependency or "-")
-    con.print(t)
+        return _run_local(rec, wide=args.wide)
+    subs = [rec.stages[st.name].submissions[-1] for st in plan.stages]
+    print_table([Col("stage"), Col("job id"), Col("after", drop=1)],
+                [[st.name, sub.job_id, sub.dependency or "-"] for st, sub in zip(plan.stages, subs)],
+                title=f"run {rec.run_name}: submitted", wide=args.wide)
     ref = run_ref(rec)
     print_next(f"progressive status {ref} --watch", f"progressive logs {ref} {plan.stages[0].name}",
                f"progressive cancel {ref}")
@@ -143,7 +142,7 @@ def print_next(*commands: str) -> None:
         con.print(f"  {cmd}", markup=False, soft_wrap=True)
 
 
-def _run_local(rec: Any) -> int:
+def _run_local(rec: Any, *, wide: bool = False) -> int:
     """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -182,7 +181,7 @@ def _run_local(rec: Any) -> int:
 
         results = run_local(rec, on_progress=on_progress, on_stage=on_stage)
     if all(v == "completed" for v in results.values()) and len(results) == len(rec.plan.stages):
-        show_results(rec)
+        show_results(rec, wide=wide)
         ref = run_ref(rec)
         print_next(f"progressive report {ref}", f"progressive status {ref}",
                    f"progressive logs {ref} {rec.plan.stages[-1].name}")
@@ -219,13 +218,12 @@ def _fmt_eval(ev: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items())
 
 
-def show_results(rec: Any) -> None:
+def show_results(rec: Any, *, wide: bool = False) -> None:
     """The per-stage result table: final training loss and the task's evaluation.
 
     Iteration counts (keys ending in `_iters`) and ratios go first; other metrics only
     when the task reports no iteration counts (a custom task's own numbers).
     """
-    from rich.table import Table
 
     from progressive.metrics import tail_objects
 
@@ -241,13 +239,25 @@ def show_results(rec: Any) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out data)", header_style="bold")
-    for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
-        t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
-    for st, done, last, ev in rows:
-        cells = [_num(ev.get(k)) for k in shown]
-        t.add_row(st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")), *cells)
-    console().print(t)
+    # Two-line headers keep the numbers' columns narrow. At 80 columns the last iteration counts go
+    # first; the validation loss and the ratios (the learned preconditioner against a baseline) stay.
+    metric_cols = [Col(_two_lines("val loss" if k == "loss" else k.replace("_iters", " iters").replace("_", " ")),
+                       "right", drop=len(shown) + 1 - i + (100 if k == "loss" or k.startswith("iters_vs") else 0))
+                   for i, k in enumerate(shown)]
+    cols = [Col("stage"), Col("n", "right"), Col("steps", "right", drop=1), Col("train\nloss", "right", len(shown) + 2),
+            *metric_cols]
+    table = [[st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")),
+              *[_num(ev.get(k)) for k in shown]] for st, done, last, ev in rows]
+    print_table(cols, table, title=f"run {rec.run_name}: results (evaluation on held-out data)", wide=wide)
+
+
+def _two_lines(header: str) -> str:
+    """`learned iters` -> `learned\\niters`: a header over two lines, split at its middle space."""
+    words = header.split(" ")
+    if len(words) < 2:
+        return header
+    cut = min(range(1, len(words)), key=lambda i: abs(len(" ".join(words[:i])) - len(" ".join(words[i:]))))
+    return " ".join(words[:cut]) + "\n" + " ".join(words[cut:])
 
 
 def _num(v: Any) -> str:
@@ -271,7 +281,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
         else:
-            _show_status(rec, statuses)
+            _show_status(rec, statuses, wide=args.wide)
         if not args.watch or all(s.state in FINAL for s in statuses):
             return 0
         time.sleep(args.watch)
@@ -284,21 +294,26 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _show_status(rec: Any, statuses: list[Any]) -> None:
-    from rich.table import Table
+# At 80 columns the stage, its state and its progress stay; the checkpoint path goes first.
+STATUS_COLUMNS = (
+    Col("stage"), Col("state"), Col("job", drop=6), Col("requeues", "right", 4), Col("step", "right", 9),
+    Col("epoch", "right", 2), Col("loss", "right", 8), Col("elapsed", drop=5), Col("eta", drop=7),
+    Col("checkpoint", drop=1),
+)
 
-    t = Table(title=f"run {rec.run_name} ({rec.mode})", header_style="bold")
-    for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
-        t.add_column(col)
+
+def _show_status(rec: Any, statuses: list[Any], *, wide: bool = False) -> None:
+    rows = []
     for s in statuses:
         style = STATE_STYLE[s.state]
         progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
         ckpt = s.final_checkpoint or s.checkpoint
-        t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
-                  str(s.epoch) if s.epoch is not None else "-", f"{s.loss:.4g}" if s.loss is not None else "-",
-                  s.elapsed or "-", _fmt_s(s.eta_s), rel(ckpt) if ckpt else "-")
+        rows.append([s.name, f"[{style}]{s.state}[/]" if style else str(s.state), s.job_id or "-", str(s.requeues),
+                     progress, str(s.epoch) if s.epoch is not None else "-",
+                     f"{s.loss:.4g}" if s.loss is not None else "-", s.elapsed or "-", _fmt_s(s.eta_s),
+                     rel(ckpt) if ckpt else "-"])
+    print_table(STATUS_COLUMNS, rows, title=f"run {rec.run_name} ({rec.mode})", wide=wide)
     con = console()
-    con.print(t)
     for s in statuses:
         if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
@@ -327,16 +342,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         for a in actions:
             if a.action.endswith("submit"):
                 con.print(f"{'would resume' if args.dry_run else 'resuming'} {resume_origin(a)}")
-        return 0 if args.dry_run else _run_local(rec)
-    from rich.table import Table
-
-    t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
-    for col in ("stage", "action", "old job", "new job", "after", "from checkpoint"):
-        t.add_column(col)
-    for a in actions:
-        t.add_row(a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
-                  rel(a.from_checkpoint) if a.from_checkpoint else "-")
-    con.print(t)
+        return 0 if args.dry_run else _run_local(rec, wide=args.wide)
+    cols = [Col("stage"), Col("action"), Col("old job", drop=3), Col("new job", drop=4), Col("after", drop=2),
+            Col("from checkpoint", drop=1)]
+    print_table(cols, [[a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
+                        rel(a.from_checkpoint) if a.from_checkpoint else "-"] for a in actions],
+                title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", wide=args.wide)
     for a in actions:
         if a.new_job:
             con.print(f"resubmitted {resume_origin(a)} as job {a.new_job}")
@@ -460,6 +471,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rec = runs.find_run(Path(plan.run_dir).parent, plan.run_name, verb="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
-        show_plan(plan)
+        show_plan(plan, wide=args.wide)
         rec = runs.submit(plan, config_text, get_backend("local"))
-    return _run_local(rec)
+    return _run_local(rec, wide=args.wide)

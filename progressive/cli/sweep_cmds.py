@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from progressive.cli.plan_cmds import DEFAULT_CONFIG, rel
-from progressive.cli.render import console
+from progressive.cli.plan_cmds import DEFAULT_CONFIG, add_wide_arg, rel
+from progressive.cli.render import Col, console, print_table
 
 if TYPE_CHECKING:
     from progressive.sweep.config import SweepTable
@@ -38,6 +38,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     st = acts.add_parser("status", help="variants x stages: state, metric, pruned, best so far")
     _sweep_arg(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    add_wide_arg(st)
     st.set_defaults(handler=cmd_status)
 
     r = acts.add_parser("resume", help="resubmit failed, cancelled or timed-out variants from their checkpoints")
@@ -215,13 +216,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "best": top.name if top else None,
                           "variants": [r.__dict__ for r in table]}, indent=2, default=str))
         return 0
-    _show_status(rec)
+    _show_status(rec, wide=args.wide)
     return 0
 
 
-def _show_status(rec: Any) -> None:
-    from rich.table import Table
-
+def _show_status(rec: Any, *, wide: bool = False) -> None:
     from progressive.cli.run_cmds import STATE_STYLE
     from progressive.sweep.summary import best, rows
 
@@ -229,9 +228,13 @@ def _show_status(rec: Any) -> None:
     top = best(rec, table)
     stage_names = list(dict.fromkeys(s for r in table for s in r.stages))
     keys = list(dict.fromkeys(k for r in table for k in r.params))
-    t = Table(title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best", header_style="bold")
-    for col in ["variant", *keys, "state", *stage_names, "final", "cpu h"]:
-        t.add_column(col)
+    # At 80 columns the CPU hours go first, then the earlier stages' metrics; the variant, its
+    # parameters, its state and its final metric stay.
+    n = len(stage_names)
+    cols = [Col("variant"), *[Col(k, drop=100 + i) for i, k in enumerate(keys)], Col("state", drop=200),
+            *[Col(s, "right", drop=2 + i) for i, s in enumerate(stage_names)], Col("final", "right", drop=2 + n),
+            Col("cpu h", "right", drop=1)]
+    out = []
     for r in table:
         style = next((v for k, v in STATE_STYLE.items() if k.value == r.state), "")
         cells = []
@@ -242,9 +245,10 @@ def _show_status(rec: Any) -> None:
             m = r.stage_metrics.get(s)
             cells.append(f"{m:.4g}" if m is not None else r.stages[s])
         name = f"[bold]{r.name} *[/]" if top is not None and r.name == top.name else r.name
-        t.add_row(name, *[_fmt(r.params.get(k, "")) for k in keys], f"[{style}]{r.state}[/]" if style else r.state, *cells,
-                  f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}")
-    console().print(t)
+        out.append([name, *[_fmt(r.params.get(k, "")) for k in keys], f"[{style}]{r.state}[/]" if style else r.state,
+                    *cells, f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}"])
+    print_table(cols, out, title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best",
+                wide=wide)
     if top is not None:
         console().print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
 
