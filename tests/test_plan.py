@@ -132,7 +132,7 @@ def test_plan_and_help_do_not_import_torch(tmp_path: Path) -> None:
             "try:\n    runpy.run_module('progressive', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', 'SUBMITIT' if 'submitit' in sys.modules else 'NO-SUBMITIT')")
-    for args in (["--help"], ["plan"], ["plan", "--dry-run"], ["status"], ["schema"]):
+    for args in (["--help"], ["plan"], ["plan", "--dry-run"], ["plan", "--check"], ["status"], ["runs"], ["schema"]):
         proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert "NO-TORCH" in proc.stdout, (args, proc.stdout[-300:], proc.stderr[-500:])
     proc = subprocess.run([sys.executable, "-c", code, "plan"], cwd=tmp_path, capture_output=True, text=True, timeout=60)

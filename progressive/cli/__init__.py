@@ -27,7 +27,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, every command registered."""
-    from progressive.cli import calibrate_cmds, data_cmds, plan_cmds, report_cmd, run_cmds, runs_cmd, sweep_cmds
+    from progressive.cli import (calibrate_cmds, data_cmds, init_cmd, plan_cmds, report_cmd, run_cmds, runs_cmd,
+                                 sweep_cmds)
 
     parser = argparse.ArgumentParser(
         prog="progressive",
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"progressive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (plan_cmds, calibrate_cmds, run_cmds, runs_cmd, sweep_cmds, report_cmd, data_cmds):
+    for module in (init_cmd, plan_cmds, calibrate_cmds, run_cmds, runs_cmd, sweep_cmds, report_cmd, data_cmds):
         module.register(sub)
     return parser
 

@@ -66,7 +66,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.set_defaults(handler=cmd_cancel)
 
     d = sub.add_parser("demo", help="make a tiny dataset and run the tiny curriculum on this machine (minutes)")
-    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in copy of examples/tiny.toml,"
+    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in tiny curriculum,"
                    " writing data/, jobs/ and checkpoints/ under the current folder)")
     d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
     add_wide_arg(d)
