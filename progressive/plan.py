@@ -242,23 +242,23 @@ def present_buckets(counts: Mapping[int, Mapping[str, int]]) -> tuple[int, ...]:
     return tuple(sorted(b for b, c in counts.items() if any(int(v) > 0 for v in c.values())))
 
 
-def bucket_problems(plan: Plan) -> list[str]:
-    """Stages whose bucket the data lacks, or holds no training samples of (empty when counts are unknown).
+def bucket_problems(plan: Plan) -> dict[str, str]:
+    """{stage: problem} for stages whose bucket the data lacks or holds no training samples of.
 
-    One wording for plan, submit, calibrate and resume: `stage 'x': bucket 100 is not in tiny.h5
-    (present: 64, 128, 256)`.
+    Empty when the counts are unknown. One wording for plan, submit, calibrate and resume:
+    `stage 'x': bucket 100 is not in tiny.h5 (present: 64, 128, 256)`.
     """
     name = Path(plan.data_path).name
     present = plan.data_buckets
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     for st in plan.stages:
         if st.samples is None:
             continue
         if present is not None and st.bucket not in present:
             listed = ", ".join(map(str, present)) or "none"
-            problems.append(f"stage {st.name!r}: bucket {st.bucket} is not in {name} (present: {listed})")
+            problems[st.name] = f"stage {st.name!r}: bucket {st.bucket} is not in {name} (present: {listed})"
         elif st.samples["train"] == 0:
-            problems.append(f"stage {st.name!r}: bucket {st.bucket} has no training samples in {name}")
+            problems[st.name] = f"stage {st.name!r}: bucket {st.bucket} has no training samples in {name}"
     return problems
 
 
@@ -268,7 +268,7 @@ DATA_HINT = ("set each stage's bucket to one the data holds, or add the bucket t
 
 def data_problems(plan: Plan) -> list[str]:
     """Everything wrong with the plan's data: unreadable or absent, or a bucket it lacks or has empty."""
-    return ([plan.data_error] if plan.data_error else []) + bucket_problems(plan)
+    return ([plan.data_error] if plan.data_error else []) + list(bucket_problems(plan).values())
 
 
 def check_data(plan: Plan) -> None:
@@ -277,7 +277,7 @@ def check_data(plan: Plan) -> None:
         raise DataError(plan.data_error, loc=plan.config_path)
     problems = bucket_problems(plan)
     if problems:
-        raise DataError("; ".join(problems), loc=plan.config_path, hint=DATA_HINT)
+        raise DataError("; ".join(problems.values()), loc=plan.config_path, hint=DATA_HINT)
 
 
 def missing_weights(plan: Plan) -> list[str]:

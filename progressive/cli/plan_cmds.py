@@ -258,10 +258,24 @@ def show_plan(plan: "Plan", *, wide: bool = False) -> None:
 
     if problem:
         con.print(f"[red]calibration: {escape(problem)}[/]")
+    _stage_notes(plan, ests)
+    if not problem and all(e.calibration == "missing" for e in ests.values()):
+        con.print(f"[dim]no calibration in {rel(calibration_path(plan))}: `progressive calibrate` measures step time "
+                  "and memory so plan can estimate wall time, segments and peak memory[/]")
+    for st in plan.stages:
+        init = f"   init from {rel(st.init_from.checkpoint)}" if st.init_from.checkpoint else ""
+        con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")
+
+
+def _stage_notes(plan: "Plan", ests: Mapping[str, "StageEstimate"]) -> None:
+    """Each stage's calibration flags and notes, and the batch size that would fit."""
+    from rich.markup import escape
+
     from progressive.plan import bucket_problems
 
+    con = console()
     # A stage whose bucket the data lacks gets the data error (after the table), not calibration advice.
-    lacking = {line.split("'")[1] for line in bucket_problems(plan)}
+    lacking = bucket_problems(plan)
     for st in plan.stages:
         est = ests[st.name]
         if st.name in lacking:
@@ -274,12 +288,6 @@ def show_plan(plan: "Plan", *, wide: bool = False) -> None:
             what = ("the whole bucket fits the memory in one batch" if est.suggested_is_bucket
                     else "the largest batch that fits the memory is")
             con.print(f"[dim]{st.name}: {what} ({est.suggested_batch_size} per process)[/]")
-    if not problem and all(e.calibration == "missing" for e in ests.values()):
-        con.print(f"[dim]no calibration in {rel(calibration_path(plan))}: `progressive calibrate` measures step time "
-                  "and memory so plan can estimate wall time, segments and peak memory[/]")
-    for st in plan.stages:
-        init = f"   init from {rel(st.init_from.checkpoint)}" if st.init_from.checkpoint else ""
-        con.print(f"[dim]{st.name}: checkpoints {rel(st.checkpoint_dir)}/, final {rel(st.final_checkpoint)}{init}[/]")
 
 
 def show_scripts(plan: "Plan") -> None:
