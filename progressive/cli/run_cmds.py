@@ -334,9 +334,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
     con = console()
     if not any(a.action.endswith("submit") for a in actions):
-        con.print(f"nothing to resume: {_nothing_left(rec.run_name, actions)}")
+        con.print(_nothing_left(rec.run_name, actions), markup=False, soft_wrap=True)
         if all(a.action.startswith("skip") for a in actions):
-            con.print(f"next: progressive report {rec.run_name}")
+            con.print(f"next: progressive report {rec.run_name}", markup=False)
         return 0
     if backend.runs_in_process:
         for a in actions:
@@ -358,9 +358,9 @@ def _nothing_left(run: str, actions: list[Any]) -> str:
     """Why resume has nothing to do: every stage complete, or the rest still queued or running."""
     done = sum(a.action.startswith("skip") for a in actions)
     if done == len(actions):
-        return f"run {run} is complete ({done} of {done} stages)"
+        return f"nothing to resume: run {run} is complete ({done} of {done} stages)"
     live = [a.stage for a in actions if a.action.startswith("keep")]
-    return f"{done} of {len(actions)} stages of run {run} are complete, the rest live ({', '.join(live)})"
+    return f"nothing to resubmit: every stage is complete or live ({', '.join(live)} queued or running)"
 
 
 def resume_origin(action: Any) -> str:
