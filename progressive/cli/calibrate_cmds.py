@@ -76,9 +76,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Handler of `progressive calibrate`."""
-    from progressive.calibration import CalibrationError, calibration_path
+    from progressive.calibration import calibration_path
     from progressive.calibration_jobs import calibrate_local, calibrate_slurm
-
     from progressive.plan import check_data
 
     plan = load_plan(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -69,6 +69,7 @@ class Col:
     header: str
     justify: Literal["left", "right"] = "left"
     drop: int = 0
+    fold: bool = False  # when the table is too wide, first try this header over two lines
 
 
 def print_table(columns: Sequence[Col], rows: Sequence[Sequence[str]], *, title: str | None = None,
@@ -90,6 +91,9 @@ def print_table(columns: Sequence[Col], rows: Sequence[Sequence[str]], *, title:
 
     keep = list(range(len(columns)))
     table = _table(columns, rows, keep, title)
+    if not wide and natural(table) > con.width and any(c.fold for c in columns):
+        columns = [replace(c, header=fold_header(c.header)) if c.fold else c for c in columns]
+        table = _table(columns, rows, keep, title)
     if not wide:
         order = sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: columns[i].drop)
         while order and natural(table) > con.width:
@@ -109,6 +113,15 @@ def print_table(columns: Sequence[Col], rows: Sequence[Sequence[str]], *, title:
     if hidden and wide_flag:
         con.print(Text(f"not shown at {con.width} columns: {', '.join(hidden)} (see {wide_flag})", style="dim"))
     return hidden
+
+
+def fold_header(header: str) -> str:
+    """`learned iters` -> `learned\\niters`: a header over two lines, split at the space nearest its middle."""
+    words = header.split(" ")
+    if len(words) < 2:
+        return header
+    cut = min(range(1, len(words)), key=lambda i: abs(len(" ".join(words[:i])) - len(" ".join(words[i:]))))
+    return " ".join(words[:cut]) + "\n" + " ".join(words[cut:])
 
 
 def _table(columns: Sequence[Col], rows: Sequence[Sequence[str]], keep: list[int], title: str | None) -> "Table":

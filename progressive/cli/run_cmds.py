@@ -73,8 +73,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.set_defaults(handler=cmd_demo)
 
 
-
-
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -239,25 +237,16 @@ def show_results(rec: Any, *, wide: bool = False) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    # Two-line headers keep the numbers' columns narrow. At 80 columns the last iteration counts go
-    # first; the validation loss and the ratios (the learned preconditioner against a baseline) stay.
-    metric_cols = [Col(_two_lines("val loss" if k == "loss" else k.replace("_iters", " iters").replace("_", " ")),
-                       "right", drop=len(shown) + 1 - i + (100 if k == "loss" or k.startswith("iters_vs") else 0))
+    # Narrow terminals get two-line headers first. At 80 columns the last iteration counts then go;
+    # the validation loss and the ratios (the learned preconditioner against a baseline) stay.
+    metric_cols = [Col("val loss" if k == "loss" else k.replace("_iters", " iters").replace("_", " "), "right",
+                       drop=len(shown) + 1 - i + (100 if k == "loss" or k.startswith("iters_vs") else 0), fold=True)
                    for i, k in enumerate(shown)]
-    cols = [Col("stage"), Col("n", "right"), Col("steps", "right", drop=1), Col("train\nloss", "right", len(shown) + 2),
-            *metric_cols]
+    cols = [Col("stage"), Col("n", "right"), Col("steps", "right", drop=1),
+            Col("train loss", "right", len(shown) + 2, fold=True), *metric_cols]
     table = [[st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")),
               *[_num(ev.get(k)) for k in shown]] for st, done, last, ev in rows]
     print_table(cols, table, title=f"run {rec.run_name}: results (evaluation on held-out data)", wide=wide)
-
-
-def _two_lines(header: str) -> str:
-    """`learned iters` -> `learned\\niters`: a header over two lines, split at its middle space."""
-    words = header.split(" ")
-    if len(words) < 2:
-        return header
-    cut = min(range(1, len(words)), key=lambda i: abs(len(" ".join(words[:i])) - len(" ".join(words[i:]))))
-    return " ".join(words[:cut]) + "\n" + " ".join(words[cut:])
 
 
 def _num(v: Any) -> str:
