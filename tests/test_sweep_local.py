@@ -40,6 +40,7 @@ def test_random_sweep_with_pruning_and_subset(tiny_dataset: Path, tmp_path: Path
     plan = json.loads(run_cli("sweep", "plan", "--json", cwd=tmp_path, check=True).stdout)
     proc = run_cli("sweep", "submit", "--local", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.endswith("next:\n  progressive report r\n  progressive sweep status r\n")
     sweep_dir = tmp_path / "jobs" / "r"
     rec = json.loads((sweep_dir / "sweep.json").read_text())
     # The variants ran what plan showed: same parameters, and the subset's counts as plan predicted them.

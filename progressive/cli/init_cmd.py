@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from progressive.cli.render import console
+from progressive.cli.render import console, print_next
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -24,7 +24,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def cmd_init(args: argparse.Namespace) -> int:
     """Handler of `progressive init`."""
     from progressive.cli.plan_cmds import rel
-    from progressive.cli.run_cmds import print_next
     from progressive.starter import next_commands, write_starter
 
     folder = Path(args.dir)

@@ -58,6 +58,14 @@ def report_error(exc: ProgressiveError) -> None:
         err_console().print(Text("  hint: ", style="yellow") + Text(exc.hint), soft_wrap=True)
 
 
+def print_next(*commands: str) -> None:
+    """The commands a user types next, one a line (copyable: no markup, no wrapping)."""
+    con = console()
+    con.print("next:", style="bold")
+    for cmd in commands:
+        con.print(f"  {cmd}", markup=False, soft_wrap=True)
+
+
 @dataclass(frozen=True)
 class Col:
     """One column of a table that must fit the terminal.

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from progressive.cli.plan_cmds import add_config_args, add_wide_arg, load_plan, rel, show_plan, show_scripts
-from progressive.cli.render import Col, console, err_console, print_table
+from progressive.cli.render import Col, console, err_console, print_next, print_table
 from progressive.cli.runs_cmd import add_run_args, choose_run
 from progressive.errors import DataError, RunError
 from progressive.states import StageState
@@ -130,14 +130,6 @@ def run_ref(rec: Any) -> str:
     if jobs_root.resolve() == Path("jobs").resolve():
         return rec.run_name
     return f"{rec.run_name} --jobs {rel(jobs_root)}"
-
-
-def print_next(*commands: str) -> None:
-    """The commands a user types next, one a line (copyable: no markup, no wrapping)."""
-    con = console()
-    con.print("next:", style="bold")
-    for cmd in commands:
-        con.print(f"  {cmd}", markup=False, soft_wrap=True)
 
 
 def _run_local(rec: Any, *, wide: bool = False) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from progressive.cli.plan_cmds import DEFAULT_CONFIG, add_wide_arg, rel
-from progressive.cli.render import Col, console, print_table
+from progressive.cli.render import Col, console, print_next, print_table
 
 if TYPE_CHECKING:
     from progressive.sweep.config import SweepTable
@@ -180,7 +180,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _run_local(rec)
     con.print(f"sweep [bold]{rec.name}[/]: {len(rec.variants)} variants submitted as {len(rec.arrays)} job arrays "
               f"({', '.join(f'{a.key}={a.job_id}' for a in rec.arrays)}); summary job {rec.final_job}")
-    con.print(f"watch: progressive sweep status {rec.name}")
+    print_next(f"progressive sweep status {rec.name}", f"progressive sweep cancel {rec.name}",
+               f"progressive report {rec.name}")
     return 0
 
 
@@ -200,6 +201,7 @@ def _run_local(rec: Any) -> int:
     if not ok:
         con.print(f"interrupted; continue with: progressive sweep resume {rec.name}")
         return 130
+    print_next(f"progressive report {rec.name}", f"progressive sweep status {rec.name}")
     return 0
 
 
