@@ -55,6 +55,9 @@ def test_every_starter_and_its_sweep_plan_cleanly(kind: str, tmp_path: Path) -> 
     run_cli("plan", "--check", cwd=tmp_path, env=ENV, check=True)
     sweep = json.loads(run_cli("sweep", "plan", "--json", cwd=tmp_path, env=ENV, check=True).stdout)
     assert len(sweep["variants"]) == 8
+    table = run_cli("sweep", "plan", cwd=tmp_path, env=ENV, check=True).stdout  # at 80 columns
+    assert "…" not in table and max(map(len, table.splitlines())) <= 80, table
+    assert all(f"│ {v['name']} " in table for v in sweep["variants"])
 
 
 def test_missing_graph_hint_points_at_init(tmp_path: Path) -> None:

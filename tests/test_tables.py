@@ -80,3 +80,23 @@ def test_print_table_drops_columns_in_their_order(capsys: pytest.CaptureFixture[
     assert "a_rather_long_name" in out
     assert "not shown at 40 columns: aaaaaaaaaaaa, bbbbbbbbbbbb (see --wide)" in " ".join(out.split())
     fits(out, 40)
+
+
+def test_calibration_table_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    from progressive.cli.calibrate_cmds import show_entries
+
+    spread = {"mean": 0.0213, "median": 0.0209, "p10": 0.0201, "p90": 0.0232}
+    entry = {"device": "cpu", "device_name": "cpu", "step_s": spread, "worst_step_s": {"median": 0.031},
+             "samples_per_s": 93.9, "peak_rss_mb": 412.0, "gpu": None, "eval_s": 0.12, "checkpoint_s": 0.03,
+             "startup_s": 1.9, "exit_s": 0.8, "batch_search": None}
+    con = console()
+    width = con.width
+    con.width = 80
+    try:
+        show_entries({"warmup_small_16": entry, "the_final_stage_64": entry})
+    finally:
+        con.width = width
+    out = capsys.readouterr().out
+    fits(out)
+    assert "│ the_final_stage_64 │" in out and "0.0213" in out and "412M" in out
+    assert "(see --json)" in " ".join(out.split())

@@ -28,6 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _files(pl)
     pl.add_argument("--json", action="store_true", help="machine-readable output (includes the array scripts)")
     pl.add_argument("--dry-run", action="store_true", help="also print each array's exact sbatch script")
+    add_wide_arg(pl)
     pl.set_defaults(handler=cmd_plan)
 
     s = acts.add_parser("submit", help="submit every variant (job arrays) and exit; or run them here with --local")
@@ -129,30 +130,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         "dependency": layout.dependencies[a.key], "sbatch": layout.scripts[a.key]} for a in layout.arrays],
         }, indent=2))
         return 0
-    from rich.table import Table
-
     con = console()
     extra = f"   subset {sweep.subset.max_samples} samples (seed {sweep.subset.seed})" if sweep.subset else ""
     prune = f"   prune keep {sweep.prune.keep:g} after each stage" if sweep.prune else ""
     con.print(f"[bold]sweep[/] {sweep.name}   [bold]method[/] {sweep.method}   [bold]metric[/] {sweep.metric} ({sweep.goal})"
               f"   [bold]parallel[/] {sweep.parallel}{extra}{prune}   [bold]records[/] {rel(paths.sweep_dir)}")
-    t = Table(header_style="bold")
     keys = list(sweep.params)
-    for col in ["variant", *keys, "stages (steps)"]:
-        t.add_column(col)
+    rows = []
     for vp in vplans:
         p = vp.variant.params
         cells = [_fmt(p[k]) if p is not None else "[dim]drawn at start[/]" for k in keys]
         chain = " -> ".join(f"{st.name} ({st.total_steps if st.total_steps is not None else '?'})" for st in vp.plan.stages)
-        t.add_row(vp.variant.name, *cells, chain)
-    con.print(t)
-    a = Table(title="job arrays (task id = variant index)", header_style="bold")
-    for col in ("array", "step", "tasks", "after"):
-        a.add_column(col)
-    for spec in layout.arrays:
-        tasks = ", ".join(f"{i}:{v}.{s}" for i, (v, s) in sorted(spec.tasks.items()))
-        a.add_row(spec.key, str(spec.step), tasks, layout.dependencies[spec.key] or "-")
-    con.print(a)
+        rows.append([vp.variant.name, *cells, chain])
+    # At 80 columns the variant and its parameters stay; the stage chain goes first.
+    print_table([Col("variant"), *[Col(k, drop=10 + i) for i, k in enumerate(keys)], Col("stages (steps)", drop=1)],
+                rows, wide=args.wide)
+    arrays = [[spec.key, str(spec.step), ", ".join(f"{i}:{v}.{s}" for i, (v, s) in sorted(spec.tasks.items())),
+               layout.dependencies[spec.key] or "-"] for spec in layout.arrays]
+    print_table([Col("array"), Col("step", "right"), Col("tasks", drop=1), Col("after", drop=2)], arrays,
+                title="job arrays (task id = variant index)", wide=args.wide)
     n_jobs = sum(len(s.tasks) for s in layout.arrays)
     con.print(f"{len(vplans)} variants, {n_jobs} stage jobs in {len(layout.arrays)} arrays "
               f"({len(layout.arrays) + (max(s.step for s in layout.arrays) if sweep.prune else 0) + 1} sbatch calls)")
