@@ -364,7 +364,8 @@ def load_config(path: str | Path) -> GraphConfig:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("file not found", loc=str(path),
-                          hint="pass the stage graph with -c PATH (see examples/tiny.toml)") from None
+                          hint="pass the stage graph with -c PATH, or write a starter one here with "
+                               "`progressive init`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file: {exc}", loc=str(path)) from None
     return parse_config(text, source=str(path))

@@ -28,7 +28,7 @@ from progressive.config import (
     topological_order,
     validate_name,
 )
-from progressive.errors import ConfigError, ProgressiveError
+from progressive.errors import ConfigError, DataError, ProgressiveError
 from progressive.layout import RunLayout
 from progressive.tracking.settings import TrackingPlan, resolve_tracking
 
@@ -86,6 +86,7 @@ class Plan(_Data):
     config_path: str
     data_path: str
     data_error: Optional[str]  # why sample counts are unknown, if they are
+    data_buckets: Optional[tuple[int, ...]] = None  # the buckets the data holds samples of (None: unknown)
     run_dir: str  # jobs/<run>
     checkpoint_root: str  # checkpoints/<run>
     seed: int
@@ -223,6 +224,7 @@ def build_plan(
         config_path=str(config_path),
         data_path=str(data_path),
         data_error=data_error,
+        data_buckets=None if bucket_counts is None else present_buckets(bucket_counts),
         run_dir=str(layout.run_dir),
         checkpoint_root=str(layout.checkpoint_root),
         seed=cfg.run.seed,
@@ -242,22 +244,66 @@ def _init_from(cfg: GraphConfig, idx: int, base: Path, layout: RunLayout) -> Ini
     return InitFrom(kind="none")
 
 
-def missing_inputs(plan: Plan) -> list[str]:
-    """Problems that make a plan unsubmittable: absent data, empty buckets, absent parent weights.
+def present_buckets(counts: Mapping[int, Mapping[str, int]]) -> tuple[int, ...]:
+    """The buckets that hold at least one sample in some split, ascending."""
+    return tuple(sorted(b for b, c in counts.items() if any(int(v) > 0 for v in c.values())))
+
+
+def bucket_problems(plan: Plan) -> dict[str, str]:
+    """{stage: problem} for stages whose bucket the data lacks or holds no training samples of.
+
+    Empty when the counts are unknown. One wording for plan, submit, calibrate and resume:
+    `stage 'x': bucket 100 is not in tiny.h5 (present: 64, 128, 256)`.
+    """
+    name = Path(plan.data_path).name
+    present = plan.data_buckets
+    problems: dict[str, str] = {}
+    for st in plan.stages:
+        if st.samples is None:
+            continue
+        if present is not None and st.bucket not in present:
+            listed = ", ".join(map(str, present)) or "none"
+            problems[st.name] = f"stage {st.name!r}: bucket {st.bucket} is not in {name} (present: {listed})"
+        elif st.samples["train"] == 0:
+            problems[st.name] = f"stage {st.name!r}: bucket {st.bucket} has no training samples in {name}"
+    return problems
+
+
+DATA_HINT = ("set each stage's bucket to one the data holds, or add the bucket to the data "
+             "(`progressive data generate --sizes ...`, or your own export)")
+
+
+def data_problems(plan: Plan) -> list[str]:
+    """Everything wrong with the plan's data: unreadable or absent, or a bucket it lacks or has empty."""
+    return ([plan.data_error] if plan.data_error else []) + list(bucket_problems(plan).values())
+
+
+def check_data(plan: Plan) -> None:
+    """Raise DataError (exit 2) naming every data problem of the plan; the one data check of every command."""
+    if plan.data_error:
+        raise DataError(plan.data_error, loc=plan.config_path)
+    problems = bucket_problems(plan)
+    if problems:
+        raise DataError("; ".join(problems.values()), loc=plan.config_path, hint=DATA_HINT)
+
+
+def missing_weights(plan: Plan) -> list[str]:
+    """Stages whose initial weights neither exist now nor come from a stage of this plan.
 
     Parents inside the plan are fine (their job makes the file); a parent outside the selection,
     or a user checkpoint path, must exist on disk now.
     """
     problems: list[str] = []
-    if plan.data_error:
-        problems.append(plan.data_error)
     inside = set(plan.names)
     for st in plan.stages:
-        if st.samples is not None and st.samples["train"] == 0:
-            problems.append(f"stage {st.name!r}: bucket n={st.bucket} has no training samples in {plan.data_path}")
         ref = st.init_from
         if ref.checkpoint and not (ref.kind == "stage" and ref.stage in inside) and not Path(ref.checkpoint).is_file():
             why = (f"its parent {ref.stage!r} is not selected and has no final checkpoint" if ref.kind == "stage"
                    else "init_from names a checkpoint that does not exist")
             problems.append(f"stage {st.name!r}: {why}: {ref.checkpoint}")
     return problems
+
+
+def missing_inputs(plan: Plan) -> list[str]:
+    """Problems that make a plan unsubmittable: its data's (`data_problems`), then absent parent weights."""
+    return data_problems(plan) + missing_weights(plan)

@@ -17,7 +17,7 @@ from progressive import record
 from progressive.backends import Backend, get_backend
 from progressive.errors import RunError
 from progressive.layout import is_complete
-from progressive.plan import Plan, StagePlan, missing_inputs
+from progressive.plan import SPLITS, Plan, StagePlan, check_data, missing_weights, present_buckets
 from progressive.record import RunRecord, Submission
 from progressive.states import LIVE, RUNNING_OR_QUEUED, StageState
 from progressive.status import StageStatus, stage_statuses
@@ -43,15 +43,16 @@ class ResumeAction:
 def submit(plan: Plan, config_text: str, backend: Backend) -> RunRecord:
     """Record the run and submit every stage of `plan` chained by afterok (or, in-process, only record it).
 
-    Refuses (RunError, nothing submitted) when inputs are missing, when the backend cannot
-    run the plan, when the run has live jobs, or when a selected stage is already complete
-    in this run. If any submission fails, the jobs this call submitted are cancelled and the
+    Refuses (nothing submitted) when the data is absent or lacks a bucket (DataError), when parent
+    weights are missing, when the backend cannot run the plan, when the run has live jobs, or
+    when a selected stage is already complete in this run. If any submission fails, the jobs this call submitted are cancelled and the
     record is left as it was. An in-process backend (local) runs the stages afterwards.
     """
-    problems = missing_inputs(plan)
+    check_data(plan)
+    problems = missing_weights(plan)
     if problems:
         raise RunError("cannot submit: " + "; ".join(problems), loc=plan.config_path,
-                       hint="generate the data (`progressive data generate`), or run the parent stages first")
+                       hint="run the parent stages first (or select them with --stages)")
     backend.check_plan(plan)
     backend.ensure_available()
     done = [st.name for st in plan.stages if is_complete(st.final_checkpoint)]
@@ -160,6 +161,7 @@ def resume(rec: RunRecord, *, backend: Backend | None = None, dry_run: bool = Fa
         rec = record.load(rec.run_dir)  # re-read under the lock
         statuses = stage_statuses(rec, backend)
         actions = plan_resume(rec, statuses)
+        recheck_data(rec.plan, [a.stage for a in actions if a.action.endswith("submit")])
         if dry_run:
             return actions
         if backend.runs_in_process:
@@ -182,6 +184,28 @@ def resume(rec: RunRecord, *, backend: Backend | None = None, dry_run: bool = Fa
         for a in redo:
             a.new_job, a.dependency = new[a.stage].job_id, new[a.stage].dependency
         return actions
+
+
+def recheck_data(plan: Plan, stages: list[str]) -> None:
+    """`submit`'s data check for these stages against the data as it is now (it may have changed since).
+
+    Counted without torch, as `plan` counts; data that only the task can count is left to the
+    stage itself, which says what it lacks when it reads it.
+    """
+    if not stages:
+        return
+    from progressive.data.counts import CountsUnknown, plan_counts
+
+    chosen = [st for st in plan.stages if st.name in stages]
+    try:
+        counts = plan_counts(plan.data_path, buckets=[st.bucket for st in chosen], task=plan.model.task,
+                             options=plan.model.options, config=plan.config_path)
+    except CountsUnknown:
+        return
+    now = [st.model_copy(update={"samples": {split: int(counts.get(st.bucket, {}).get(split, 0)) for split in SPLITS}})
+           for st in chosen]
+    check_data(plan.model_copy(update={"stages": tuple(now), "data_buckets": present_buckets(counts),
+                                       "data_error": None}))
 
 
 def cancel(rec: RunRecord, stages: list[str] | None = None, *, backend: Backend | None = None) -> list[str]:
@@ -209,3 +233,65 @@ def find_run(jobs_root: Path, run: str | None, *, verb: str = "status") -> RunRe
         raise RunError(f"no runs under {jobs_root}", loc=verb,
                        hint="submit one with `progressive submit` (or `progressive submit --local`)")
     return record.load(runs[0])
+
+
+# ------------------------------------------------------------------ listing runs
+
+@dataclass
+class RunSummary:
+    """One line of `progressive runs`: a run, its mode, where it stands and when it last changed."""
+
+    name: str
+    mode: str
+    state: str
+    stages_done: int
+    stages: int
+    last_change: str  # ISO time of the newest write to its record or any stage's metrics
+    note: str = ""  # why the state is unknown (Slurm did not answer), if it is
+
+    def as_json(self) -> dict[str, object]:
+        """The `runs --json` form."""
+        return dict(self.__dict__)
+
+
+# The run's state is its most telling stage's: a failure outranks progress, progress outranks waiting.
+_RUN_STATE_ORDER = (S.BLOCKED, S.FAILED, S.TIMEOUT, S.CANCELLED, S.STOPPED, S.UNKNOWN, S.RUNNING, S.SUSPENDED,
+                    S.PENDING, S.NOT_STARTED, S.NOT_SUBMITTED, S.PRUNED, S.COMPLETED)
+
+
+def run_state(states: list[StageState]) -> StageState:
+    """One word for a run from its stages' states: `completed` only when every stage is."""
+    if states and all(s is S.COMPLETED for s in states):
+        return S.COMPLETED
+    return next((s for s in _RUN_STATE_ORDER if s in states), S.UNKNOWN)
+
+
+def summarize_runs(jobs_root: Path) -> list[RunSummary]:
+    """Every run under jobs_root, newest first (one backend query per run that is not complete)."""
+    from progressive.errors import ProgressiveError
+
+    out: list[RunSummary] = []
+    for run_dir in record.list_runs(jobs_root):
+        rec = record.load(run_dir)
+        done = sum(is_complete(st.final_checkpoint) for st in rec.plan.stages)
+        note = ""
+        if done == len(rec.plan.stages):
+            state = S.COMPLETED
+        else:
+            try:
+                state = run_state([s.state for s in stage_statuses(rec)])
+            except ProgressiveError as exc:  # Slurm unreachable from here: list the run anyway
+                state, note = S.UNKNOWN, exc.msg.splitlines()[0]
+        out.append(RunSummary(rec.run_name, rec.mode, state.value, done, len(rec.plan.stages),
+                              _last_change(rec), note))
+    return out
+
+
+def _last_change(rec: RunRecord) -> str:
+    """When the run last changed: its record, or a stage's metrics (a running stage writes only those)."""
+    import time
+
+    paths = [record.record_path(rec.run_dir), *(Path(st.metrics_path) for st in rec.plan.stages)]
+    mtimes = [p.stat().st_mtime for p in paths if p.is_file()]
+    # The same form as the record's own times (`units.now_iso`).
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(max(mtimes))) if mtimes else rec.updated_at

@@ -234,6 +234,9 @@ def test_a_stage_that_cannot_finish_is_flagged_and_submit_refuses(tmp_path: Path
     out = run_cli("plan", "-c", str(cfg), cwd=tmp_path, env=ENV)
     assert out.returncode == 0  # plan informs; submit refuses
     assert "a: needs" in out.stdout and "max_requeues = 0 allows 1" in out.stdout
+    check = run_cli("plan", "--check", "-c", str(cfg), cwd=tmp_path, env=ENV)  # CI's strict mode fails it
+    assert check.returncode == 1 and "check: stage 'a': needs" in check.stderr
+    assert check.stderr.endswith("plan --check: 1 problem(s)\n")
     a = plan_json(cfg)["a"]
     assert a["segments"] > a["max_segments"] == 1 and a["flags"]
     sub = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)

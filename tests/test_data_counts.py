@@ -140,7 +140,7 @@ def test_empty_bucket_is_refused_naming_it(tmp_path: Path, tokens: Path) -> None
     index = run_cli("data", "index", "-c", str(cfg), cwd=tmp_path, env=ENV)
     assert index.returncode == 1 and "bucket 2 has no training samples" in index.stdout
     proc = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)
-    assert proc.returncode == 1 and "stage 's2': bucket n=2 has no training samples" in proc.stderr
+    assert proc.returncode == 2 and "stage 's2': bucket 2 is not in tokens (present: 16)" in proc.stderr
     assert not (tmp_path / "jobs").exists()  # nothing half-done
 
 
@@ -218,5 +218,5 @@ def test_damaged_project_hdf5_keeps_its_own_hint(tmp_path: Path, tiny_dataset: P
     cfg = tmp_path / "g.toml"
     cfg.write_text('[run]\ndata = "cut.h5"\n[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\n')
     proc = run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, env=ENV)  # the task's loader says why
-    assert proc.returncode == 1 and "bucket 16, split 'train': not a readable HDF5 file" in proc.stderr
+    assert proc.returncode == 2 and "bucket 16, split 'train': not a readable HDF5 file" in proc.stderr
     assert not (tmp_path / "jobs").exists()

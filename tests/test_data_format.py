@@ -156,7 +156,7 @@ def test_sidecar_of_another_version_is_not_trusted(tiny_copy: Path) -> None:
 def test_bucket_absent_lists_the_buckets_present(tiny_dataset: Path) -> None:
     with pytest.raises(DataError) as exc:
         open_bucket(tiny_dataset, 100, "train")
-    assert exc.value.msg == "bucket n=100 is not in the file (buckets present: 16, 32, 64)"
+    assert exc.value.msg == "bucket 100 is not in tiny.h5 (present: 16, 32, 64)"
     assert "--sizes" in (exc.value.hint or "")
 
 

@@ -43,6 +43,8 @@ def test_demo_runs_the_tiny_curriculum(tmp_path: Path) -> None:
         assert f"completed {stage}" in proc.stdout
         assert (tmp_path / "checkpoints" / "demo" / stage / "final.pt").is_file()
     assert "results" in proc.stdout and "learned iters" in proc.stdout and "jacobi iters" in proc.stdout
+    assert proc.stdout.rstrip().endswith("next:\n  progressive report demo\n  progressive status demo\n"
+                                         "  progressive logs demo tiny_256")
     again = run_cli("demo", "-c", str(tmp_path / "examples" / "tiny.toml"), cwd=tmp_path, check=True)
     assert "continuing the demo run" in again.stdout and "completed tiny_64" not in again.stdout
 
@@ -65,6 +67,12 @@ def test_ctrl_c_checkpoints_and_resume_finishes_bitwise(tmp_path: Path, tiny_dat
 
     resumed = run_cli("resume", "interrupted", cwd=tmp_path, env=ENV)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    checkpoint_step = int(Path(st[0]["checkpoint"]).stem.split("_")[1])
+    assert f"resuming a from step {checkpoint_step}\n" in resumed.stdout
+    assert "resuming b from the start, initialised from checkpoints/interrupted/a/final.pt" in resumed.stdout
+    finished = run_cli("resume", "interrupted", cwd=tmp_path, check=True)
+    assert finished.stdout == ("nothing to resume: run interrupted is complete (2 of 2 stages)\n"
+                               "next: progressive report interrupted\n")
     assert "completed a" in resumed.stdout and "completed b" in resumed.stdout
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"event": "step"' in line]
     assert steps == sorted(set(steps))  # no step was done twice

@@ -52,7 +52,7 @@ def test_chain_paths_parents_and_steps(tmp_path: Path) -> None:
 def test_missing_bucket_and_unknown_counts(tmp_path: Path) -> None:
     plan = make(tmp_path, [{"name": "a", "bucket": 64}])
     assert plan.stages[0].samples == {"train": 0, "val": 0, "test": 0}
-    assert any("n=64 has no training samples" in p for p in missing_inputs(plan))
+    assert missing_inputs(plan) == ["stage 'a': bucket 64 is not in d.h5 (present: 16, 32)"]
     cfg = parse_config(graph_toml([{"name": "a"}], head=HEAD))
     unknown = build_plan(cfg, tmp_path / "s.toml", counts=None)
     assert unknown.stages[0].samples is None and unknown.stages[0].total_steps is None
@@ -132,7 +132,7 @@ def test_plan_and_help_do_not_import_torch(tmp_path: Path) -> None:
             "try:\n    runpy.run_module('progressive', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', 'SUBMITIT' if 'submitit' in sys.modules else 'NO-SUBMITIT')")
-    for args in (["--help"], ["plan"], ["plan", "--dry-run"], ["status"], ["schema"]):
+    for args in (["--help"], ["plan"], ["plan", "--dry-run"], ["plan", "--check"], ["status"], ["runs"], ["schema"]):
         proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert "NO-TORCH" in proc.stdout, (args, proc.stdout[-300:], proc.stderr[-500:])
     proc = subprocess.run([sys.executable, "-c", code, "plan"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -148,10 +148,11 @@ def test_plan_reads_real_counts_and_writes_nothing(tmp_path: Path, tiny_dataset:
     (tmp_path / "stages.toml").write_text(graph_toml([{"name": "a", "bucket": 16}, {"name": "b", "bucket": 64},
                                                       {"name": "c", "bucket": 48}], head=HEAD))
     before = sorted(p.name for p in tmp_path.iterdir())
-    out = run_cli("plan", "--json", cwd=tmp_path, check=True).stdout
-    stages = {s["name"]: s for s in json.loads(out)["stages"]}
+    proc = run_cli("plan", "--json", cwd=tmp_path)
+    assert proc.returncode == 2 and "stage 'c': bucket 48 is not in d.h5 (present: 16, 32, 64)" in proc.stderr
+    stages = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
     assert stages["a"]["samples"]["train"] > 0 and sum(stages["b"]["samples"].values()) == 6
     assert stages["c"]["samples"] == {"train": 0, "val": 0, "test": 0}
-    table = run_cli("plan", cwd=tmp_path, check=True).stdout
+    table = run_cli("plan", cwd=tmp_path).stdout
     assert "missing" in table  # bucket 48 has no samples
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -254,6 +254,10 @@ def test_report_refuses_bad_input(tmp_path: Path, tiny_dataset: Path) -> None:
     assert empty.returncode == 1 and "run 'fresh' has no metrics yet" in empty.stderr
     assert "progressive status fresh" in empty.stderr
     assert not (tmp_path / "jobs" / "fresh" / "report").exists()
+    by_config = run_cli("report", "-c", str(cfg), cwd=tmp_path)  # the graph names the run
+    assert by_config.returncode == 1 and "run 'fresh' has no metrics yet" in by_config.stderr
+    chosen = run_cli("report", cwd=tmp_path)
+    assert chosen.stderr.startswith("run fresh (the only run under jobs; name one with RUN or -c FILE)\n")
 
     # Without matplotlib (an import that fails, as in an environment without the extra): the extra is named.
     fake = tmp_path / "nompl"

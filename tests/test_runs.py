@@ -15,6 +15,7 @@ import pytest
 from progressive import record, runs
 from progressive.backends import Backend, JobInfo, get_backend
 from progressive.config import parse_config
+from progressive.data.counts import write_count_index
 from progressive.errors import RunError
 from progressive.plan import Plan, StagePlan, build_plan
 from progressive.states import FINAL, LIVE, RESUMABLE, RUNNING_OR_QUEUED, SLURM_STATES, StageState, from_slurm
@@ -97,7 +98,14 @@ def make_plan(tmp_path: Path, select: list[str] | None = None) -> Plan:
     cfg_path.write_text(GRAPH)
     counts = {16: {"train": 8, "val": 1, "test": 1}, 32: {"train": 8, "val": 1, "test": 1},
               64: {"train": 8, "val": 1, "test": 1}}
-    return build_plan(parse_config(GRAPH, str(cfg_path)), cfg_path, counts=lambda _: counts, select=select)
+    cfg = parse_config(GRAPH, str(cfg_path))
+    plan = build_plan(cfg, cfg_path, counts=lambda _: counts, select=select)
+    # The data as resume finds it again (it checks the data now): a file with a count index.
+    data = Path(plan.data_path)
+    if not data.exists():
+        data.write_bytes(b"tokens")
+        write_count_index(data, counts, task=cfg.model.task, options=cfg.model.options)
+    return plan
 
 
 def finish(plan: Plan, stage: str) -> None:
@@ -284,3 +292,34 @@ def test_every_state_has_a_status_colour() -> None:
     from progressive.cli.run_cmds import STATE_STYLE
 
     assert set(STATE_STYLE) == set(StageState)
+
+
+def test_resume_command_says_where_each_stage_starts_or_that_nothing_is_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import progressive.backends
+    from progressive.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    plan, fake = make_plan(tmp_path), FakeBackend()
+    monkeypatch.setattr(progressive.backends, "get_backend", lambda name: fake)
+    runs.submit(plan, GRAPH, fake)  # jobs 100, 101, 102, all pending
+    assert main(["resume", "r"]) == 0
+    assert capsys.readouterr().out == ("nothing to resubmit: every stage is complete or live "
+                                       "(a, b, c queued or running)\n")
+    finish(plan, "a")
+    fake.jobs["100"] = S.COMPLETED
+    step = Path(plan.stage("b").checkpoint_dir) / "step_00000112.pt"
+    step.parent.mkdir(parents=True, exist_ok=True)
+    step.write_bytes(b"state")  # not a real checkpoint: status only lists it, resume only names it
+    monkeypatch.setattr("progressive.status.latest_checkpoint_file",
+                        lambda st: str(step) if st.name == "b" else None)
+    fake.jobs["101"] = S.TIMEOUT
+    assert main(["resume", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "resubmitted b from step 112 as job 103\n" in out
+    assert f"resubmitted c from the start, initialised from {Path('checkpoints') / 'r' / 'b' / 'final.pt'} as job 104\n" in out
+    finish(plan, "b")
+    finish(plan, "c")
+    assert main(["resume", "r"]) == 0
+    assert capsys.readouterr().out == "nothing to resume: run r is complete (3 of 3 stages)\nnext: progressive report r\n"

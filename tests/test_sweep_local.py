@@ -40,6 +40,7 @@ def test_random_sweep_with_pruning_and_subset(tiny_dataset: Path, tmp_path: Path
     plan = json.loads(run_cli("sweep", "plan", "--json", cwd=tmp_path, check=True).stdout)
     proc = run_cli("sweep", "submit", "--local", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.endswith("next:\n  progressive report r\n  progressive sweep status r\n")
     sweep_dir = tmp_path / "jobs" / "r"
     rec = json.loads((sweep_dir / "sweep.json").read_text())
     # The variants ran what plan showed: same parameters, and the subset's counts as plan predicted them.
@@ -82,6 +83,9 @@ def test_random_sweep_with_pruning_and_subset(tiny_dataset: Path, tmp_path: Path
     status = json.loads(run_cli("sweep", "status", "r", "--jobs", str(tmp_path / "jobs"), "--json", check=True).stdout)
     assert status["best"] == winner["variant"]
     assert sorted(v["state"] for v in status["variants"]) == ["completed", "completed", "pruned", "pruned"]
+    narrow = run_cli("sweep", "status", "r", "--jobs", str(tmp_path / "jobs"), env={"COLUMNS": "80"}, check=True).stdout
+    assert "…" not in narrow and max(map(len, narrow.splitlines())) <= 80, narrow
+    assert all(f"{v['name']} " in narrow for v in status["variants"])  # every variant's name, whole
     # A second submit of the same sweep is refused and changes nothing.
     before = (sweep_dir / "sweep.json").read_text()
     again = run_cli("sweep", "submit", "--local", cwd=tmp_path, env=ENV)

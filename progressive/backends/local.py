@@ -87,6 +87,30 @@ class LocalBackend(Backend):
         return done
 
 
+def unhonoured_requests(plan: Plan, *, gpus: int, mem_mb: int | None) -> list[str]:
+    """The Slurm requests of `plan` that this machine (`gpus` devices, `mem_mb` of memory) cannot honour.
+
+    Local mode runs each stage in this one process on what the machine has: a stage written for a
+    GPU node runs on the CPU here (for hours, perhaps), and nothing caps its memory.
+    """
+    out: list[str] = []
+    for st in plan.stages:
+        want = st.slurm.gpus_per_node
+        if want and gpus == 0:
+            out.append(f"stage {st.name!r} asks for {want} GPU(s) per node; this machine has none, "
+                       "so local mode trains it on the CPU (much slower)")
+        elif want > 1:
+            out.append(f"stage {st.name!r} asks for {want} GPUs per node; local mode trains on one")
+        if st.slurm.mem and mem_mb and st.slurm.mem > mem_mb:
+            out.append(f"stage {st.name!r} asks for {_mb(st.slurm.mem)} of memory; this machine has "
+                       f"{_mb(mem_mb)}, and local mode cannot reserve any")
+    return out
+
+
+def _mb(mb: int) -> str:
+    return f"{mb / 1024:.3g}G" if mb >= 1024 else f"{mb}M"
+
+
 # ------------------------------------------------------------------ who runs a stage
 
 def _boot_id() -> str | None:

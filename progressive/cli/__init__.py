@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         calibrate_cmds,
         data_cmds,
         doctor_cmds,
+        init_cmd,
         plan_cmds,
         report_cmd,
         run_cmds,
+        runs_cmd,
         sweep_cmds,
         sync_cmds,
     )
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"progressive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (plan_cmds, calibrate_cmds, run_cmds, sweep_cmds, report_cmd, data_cmds, doctor_cmds, sync_cmds):
+    for module in (init_cmd, plan_cmds, calibrate_cmds, run_cmds, runs_cmd, sweep_cmds, report_cmd, data_cmds,
+                   doctor_cmds, sync_cmds):
         module.register(sub)
     return parser
 
@@ -59,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
     except ProgressiveError as exc:
         from progressive.cli.render import report_error
 
@@ -68,6 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `progressive status --json | head -1`: the reader left, which is no error of ours.
+        _silence_stdout()
+        return SIGPIPE_EXIT
+
+
+SIGPIPE_EXIT = 141  # what a shell reports for a process killed by SIGPIPE (128 + 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (tests, IDEs)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,13 +76,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Handler of `progressive calibrate`."""
-    from progressive.calibration import CalibrationError, calibration_path
+    from progressive.calibration import calibration_path
     from progressive.calibration_jobs import calibrate_local, calibrate_slurm
+    from progressive.plan import check_data
 
     plan = load_plan(args)
-    if plan.data_error:
-        raise CalibrationError(plan.data_error, loc=rel(plan.config_path),
-                               hint="generate the data first (`progressive data generate`)")
+    check_data(plan)  # the same words and exit code as plan, submit and resume
     options = {"steps": args.steps, "warmup": args.warmup, "min_seconds": args.min_seconds, "find_batch": args.find_batch_size, "margin": args.margin}
     con = console()
     quiet = args.json
@@ -123,12 +122,13 @@ def _mb(v: Any) -> str:
 
 def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
     """The measurements as a table."""
-    from rich.table import Table
+    from progressive.cli.render import Col, print_table
 
-    t = Table(header_style="bold")
-    for col in ("stage", "device", "s/step mean", "median (p10-p90)", "worst s/step", "samples/s", "peak RSS", "GPU used",
-                "eval", "checkpoint", "start-up", "exit", "batch fits"):
-        t.add_column(col, justify="left" if col in ("stage", "device") else "right")
+    # At 80 columns the stage, its step time and its peak memory stay; the spreads and costs go first.
+    drops = {"stage": 0, "device": 6, "s/step mean": 0, "median (p10-p90)": 2, "worst s/step": 3, "samples/s": 8,
+             "peak RSS": 9, "GPU used": 7, "eval": 4, "checkpoint": 5, "start-up": 10, "exit": 1, "batch fits": 11}
+    cols = [Col(h, "left" if h in ("stage", "device") else "right", d) for h, d in drops.items()]
+    rows = []
     for name, e in entries.items():
         s, w = e["step_s"], e["worst_step_s"]
         gpu = e.get("gpu") or {}
@@ -136,9 +136,9 @@ def show_entries(entries: Mapping[str, Mapping[str, Any]]) -> None:
         fits = "-" if not search else (str(search.get("batch_size") or "none")
                                        + (" = bucket" if search.get("batch_size") == search.get("cap") else "")
                                        + f" (<= {_mb(search.get('budget_mb'))})")
-        t.add_row(name, str(e.get("device_name", e.get("device"))),
-                  f"{s['mean']:.3g}", f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",
-                  f"{e['samples_per_s']:.1f}", _mb(e["peak_rss_mb"]), _mb(gpu.get("device_used_mb")),
-                  f"{e['eval_s']:.2f}s", f"{e['checkpoint_s']:.2f}s", f"{e['startup_s']:.1f}s",
-                  f"{e['exit_s']:.1f}s" if isinstance(e.get("exit_s"), (int, float)) else "-", fits)
-    console().print(t)
+        rows.append([name, str(e.get("device_name", e.get("device"))),
+                     f"{s['mean']:.3g}", f"{s['median']:.3g} ({s['p10']:.3g}-{s['p90']:.3g})", f"{w['median']:.3g}",
+                     f"{e['samples_per_s']:.1f}", _mb(e["peak_rss_mb"]), _mb(gpu.get("device_used_mb")),
+                     f"{e['eval_s']:.2f}s", f"{e['checkpoint_s']:.2f}s", f"{e['startup_s']:.1f}s",
+                     f"{e['exit_s']:.1f}s" if isinstance(e.get("exit_s"), (int, float)) else "-", fits])
+    print_table(cols, rows, wide_flag="--json")  # calibration.json holds every number

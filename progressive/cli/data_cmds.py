@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from progressive.cli.render import Col, print_table
 from progressive.errors import DataError
 from progressive.signals import INTERRUPT_SIGNALS
 
@@ -64,6 +65,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     i.add_argument("path", metavar="PATH")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--verify", action="store_true", help="read and check every sample")
+    i.add_argument("--wide", action="store_true", help="show every column, even when the table is wider than the terminal")
     i.set_defaults(handler=cmd_inspect)
 
     s = acts.add_parser("subset", help="a reproducible random subset (per bucket and split, proportionally)",
@@ -222,13 +224,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
-        _print_inspection(report)
+        _print_inspection(report, wide=args.wide)
     return 1 if report.problem_count else 0
 
 
-def _print_inspection(report: Any) -> None:
-    from rich.table import Table
+# At 80 columns the bucket and its counts stay; the byte counts go first, then the nnz spread.
+INSPECT_COLUMNS = tuple(Col(h, "right", d) for h, d in (
+    ("bucket n", 0), ("train", 0), ("val", 0), ("test", 0), ("nnz min", 4), ("nnz mean", 6), ("nnz max", 5),
+    ("rhs", 7), ("on disk", 3), ("raw", 1), ("ratio", 2)))
 
+
+def _print_inspection(report: Any, *, wide: bool = False) -> None:
     from progressive.cli.render import console
 
     con = console()
@@ -236,14 +242,13 @@ def _print_inspection(report: Any) -> None:
     con.print(f"[bold]{report.path}[/]  {_mb(report.file_size)}  format v{report.format_version}")
     con.print(f"family {a.get('family', '?')}  seed {a.get('seed', '?')}  created {a.get('created', '?')}  "
               f"by {a.get('generator', '?')}")
-    t = Table()
-    for col in ("bucket n", "train", "val", "test", "nnz min", "nnz mean", "nnz max", "rhs", "on disk", "raw", "ratio"):
-        t.add_column(col, justify="right")
+    rows = []
     for b in report.buckets:
         ratio = f"{b.raw_bytes / b.stored_bytes:.2f}x" if b.stored_bytes else "-"
-        t.add_row(str(b.n), *(str(b.counts[s]) for s in ("train", "val", "test")), str(b.nnz_min), f"{b.nnz_mean:.0f}",
-                  str(b.nnz_max), str(b.rhs_per_sample), _mb(b.stored_bytes), _mb(b.raw_bytes), ratio)
-    con.print(t)
+        rows.append([str(b.n), *(str(b.counts[s]) for s in ("train", "val", "test")), str(b.nnz_min),
+                     f"{b.nnz_mean:.0f}", str(b.nnz_max), str(b.rhs_per_sample), _mb(b.stored_bytes), _mb(b.raw_bytes),
+                     ratio])
+    print_table(INSPECT_COLUMNS, rows, wide=wide, con=con)
     ops = " -> ".join(str(h.get("op", "?")) for h in a.get("history", []) if isinstance(h, dict))
     if ops:
         con.print(f"history: {ops}")

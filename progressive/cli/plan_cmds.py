@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from typing import TYPE_CHECKING
 
-from progressive.cli.render import console
+from progressive.cli.render import Col, console, print_table
 
 if TYPE_CHECKING:
     from progressive.calibration import StageEstimate
@@ -37,10 +37,19 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="also print each stage's exact sbatch script")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (includes the sbatch scripts)")
+    add_wide_arg(p)
+    p.add_argument("--check", action="store_true",
+                   help="exit non-zero on any problem: data, parent weights, calibration, stages that cannot finish "
+                   "or do not fit (for CI)")
     p.set_defaults(handler=cmd_plan)
 
     s = sub.add_parser("schema", help="print the JSON Schema of stages.toml (for editors)")
     s.set_defaults(handler=cmd_schema)
+
+
+def add_wide_arg(p: argparse.ArgumentParser) -> None:
+    """--wide: every column of the tables, even past the terminal's edge."""
+    p.add_argument("--wide", action="store_true", help="show every column, even when the table is wider than the terminal")
 
 
 def split_stages(text: str | None) -> list[str] | None:
@@ -80,13 +89,39 @@ def load_plan(args: argparse.Namespace, *, ask_task: bool = False) -> "Plan":
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Handler of `progressive plan`."""
+    from progressive.plan import bucket_problems, check_data
+
     plan = load_plan(args)
     if args.json:
         print(json.dumps(plan_json(plan), indent=2))
-        return 0
-    show_plan(plan)
-    if args.dry_run:
-        show_scripts(plan)
+    else:
+        show_plan(plan, wide=args.wide)
+        if args.dry_run:
+            show_scripts(plan)
+    if bucket_problems(plan) or (args.check and plan.data_error):
+        check_data(plan)  # raises: the same words and exit code as submit, calibrate and resume
+    if args.check:
+        return _check(plan)
+    return 0
+
+
+CHECK_FAILED = 1  # plan --check: the plan itself resolved, but something in it would fail
+
+
+def _check(plan: "Plan") -> int:
+    """`plan --check` after the data check: parent weights, calibration, and the stages it flags."""
+    from progressive.calibration import estimates
+    from progressive.cli.render import err_console
+    from progressive.plan import missing_weights
+
+    ests, problem = estimates(plan)
+    found = missing_weights(plan) + ([f"calibration: {problem}"] if problem else [])
+    found += [f"stage {st.name!r}: {flag}" for st in plan.stages for flag in ests[st.name].flags]
+    for line in found:
+        err_console().print(f"check: {line}", markup=False, soft_wrap=True)
+    if found:
+        err_console().print(f"plan --check: {len(found)} problem(s)", markup=False)
+        return CHECK_FAILED
     return 0
 
 
@@ -173,10 +208,17 @@ def _fmt_peak(est: "StageEstimate") -> str:
     return f"[yellow]{text}[/]" if est.mem_request_mb and est.peak_mem_mb > HOST_MEM_WARN * est.mem_request_mb else text
 
 
-def show_plan(plan: "Plan") -> None:
-    """Print the plan table, with time, segments and memory from the run's calibration when there is one."""
-    from rich.table import Table
+# At 80 columns the stage and its size stay; the Slurm request goes first, the estimate last.
+PLAN_COLUMNS = (
+    Col("stage"), Col("n", "right"), Col("batch", "right", 5), Col("epochs", "right", 6), Col("train/val", drop=10),
+    Col("steps/ep", "right", 3), Col("steps", "right", 11), Col("budget", drop=9), Col("estimate", drop=12),
+    Col("segments", "right", 8), Col("peak mem", drop=7), Col("init from", drop=4), Col("gpu mem", drop=2),
+    Col("slurm (nodes x tasks, cpus, gpus, mem)", drop=1),
+)
 
+
+def show_plan(plan: "Plan", *, wide: bool = False) -> None:
+    """Print the plan table, with time, segments and memory from the run's calibration when there is one."""
     from progressive.calibration import calibration_path, estimates
 
     ests, problem = estimates(plan)
@@ -185,11 +227,7 @@ def show_plan(plan: "Plan") -> None:
               f"   [bold]records[/] {rel(plan.run_dir)}")
     if plan.data_error:
         con.print(f"[red]data: {plan.data_error}[/]")
-    t = Table(show_lines=False, header_style="bold")
-    for col in ("stage", "n", "batch", "epochs", "train/val", "steps/ep", "steps", "budget",
-                "estimate", "segments", "peak mem", "init from", "gpu mem", "slurm (nodes x tasks, cpus, gpus, mem)"):
-        t.add_column(col, no_wrap=col == "stage",
-                     justify="right" if col in {"n", "batch", "epochs", "steps/ep", "steps", "segments"} else "left")
+    rows: list[list[str]] = []
     for st in plan.stages:
         if st.samples is None:
             samples = "[red]unknown[/]"
@@ -210,26 +248,17 @@ def show_plan(plan: "Plan") -> None:
         gpu = _fmt_mb(int(est.gpu_peak_mb)) if est.gpu_peak_mb is not None else _fmt_mb(st.gpu_mem_mb)
         init = st.init_from.stage or (Path(st.init_from.checkpoint).name if st.init_from.checkpoint else "-")
         has_steps = st.total_steps is not None and st.total_steps > 0
-        t.add_row(st.name, str(st.bucket), str(st.batch_size), str(st.epochs), samples,
-                  str(st.steps_per_epoch) if has_steps else "-",
-                  str(st.total_steps) if has_steps else "-",
-                  _fmt_min(st.time_limit_min), estimate, _fmt_segments(est), _fmt_peak(est), init, gpu,
-                  _resources(st))
-    con.print(t)
+        rows.append([st.name, str(st.bucket), str(st.batch_size), str(st.epochs), samples,
+                     str(st.steps_per_epoch) if has_steps else "-",
+                     str(st.total_steps) if has_steps else "-",
+                     _fmt_min(st.time_limit_min), estimate, _fmt_segments(est), _fmt_peak(est), init, gpu,
+                     _resources(st)])
+    print_table(PLAN_COLUMNS, rows, wide=wide)
     from rich.markup import escape
 
     if problem:
         con.print(f"[red]calibration: {escape(problem)}[/]")
-    for st in plan.stages:
-        est = ests[st.name]
-        for flag in est.flags:
-            con.print(f"[bold red]{st.name}: {escape(flag)}[/]")
-        for note in est.notes:
-            con.print(f"[yellow]{st.name}: {escape(note)}[/]")
-        if est.suggested_batch_size is not None and est.suggested_batch_size != st.batch_size:
-            what = ("the whole bucket fits the memory in one batch" if est.suggested_is_bucket
-                    else "the largest batch that fits the memory is")
-            con.print(f"[dim]{st.name}: {what} ({est.suggested_batch_size} per process)[/]")
+    _stage_notes(plan, ests)
     if not problem and all(e.calibration == "missing" for e in ests.values()):
         con.print(f"[dim]no calibration in {rel(calibration_path(plan))}: `progressive calibrate` measures step time "
                   "and memory so plan can estimate wall time, segments and peak memory[/]")
@@ -242,6 +271,29 @@ def show_plan(plan: "Plan") -> None:
         con.print(f"[dim]{escape(line)}[/]")
     for note in plan.tracking.notes:
         con.print(f"[yellow]warning: {escape(note)}[/]")
+
+
+def _stage_notes(plan: "Plan", ests: Mapping[str, "StageEstimate"]) -> None:
+    """Each stage's calibration flags and notes, and the batch size that would fit."""
+    from rich.markup import escape
+
+    from progressive.plan import bucket_problems
+
+    con = console()
+    # A stage whose bucket the data lacks gets the data error (after the table), not calibration advice.
+    lacking = bucket_problems(plan)
+    for st in plan.stages:
+        est = ests[st.name]
+        if st.name in lacking:
+            continue
+        for flag in est.flags:
+            con.print(f"[bold red]{st.name}: {escape(flag)}[/]")
+        for note in est.notes:
+            con.print(f"[yellow]{st.name}: {escape(note)}[/]")
+        if est.suggested_batch_size is not None and est.suggested_batch_size != st.batch_size:
+            what = ("the whole bucket fits the memory in one batch" if est.suggested_is_bucket
+                    else "the largest batch that fits the memory is")
+            con.print(f"[dim]{st.name}: {what} ({est.suggested_batch_size} per process)[/]")
 
 
 def show_scripts(plan: "Plan") -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from progressive.cli.plan_cmds import rel
 from progressive.cli.render import console, err_console
+from progressive.cli.runs_cmd import add_run_args, run_target, say_chosen
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -22,8 +23,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        "variant's own report, built here without the transfer matrix unless --transfer. "
                        "Re-running refreshes it; the run or sweep itself is never changed.")
     p.add_argument("run", nargs="?", metavar="RUN",
-                   help="run or sweep name (default: the most recent run or sweep under the jobs folder)")
-    p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
+                   help="run or sweep name (default: the run of -c, else the most recent run or sweep under the jobs "
+                   "folder)")
+    add_run_args(p, positional=False)
     p.add_argument("--no-transfer", dest="transfer", action="store_const", const=False, default=None,
                    help="skip the transfer matrix (it evaluates every stage's weights on every bucket)")
     p.add_argument("--transfer", dest="transfer", action="store_const", const=True,
@@ -44,13 +46,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _entries(jobs: Path) -> int:
+    """Runs and sweeps under a jobs folder (what report chooses among)."""
+    from progressive import record
+    from progressive.sweep.record import SWEEP_FILE
+
+    return len(record.list_runs(jobs)) + (len(list(jobs.glob(f"*/{SWEEP_FILE}"))) if jobs.is_dir() else 0)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Handler of `progressive report`."""
     from progressive.report.build import build_report
     from progressive.report.sweep import build_sweep_report, find_target
+    from progressive.record import RunRecord
     from progressive.sweep.record import SweepRecord
 
-    rec = find_target(Path(args.jobs), args.run, verb="report")
+    jobs, name = run_target(args, args.run, verb="report")
+    rec = find_target(jobs, name, verb="report")
+    if name is None:
+        say_chosen(rec.run_name if isinstance(rec, RunRecord) else rec.name, jobs, _entries(jobs), what=(
+            "run" if isinstance(rec, RunRecord) else "sweep"))
     con = err_console()
     progress: Any = None
     task: Any = None

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from progressive.cli.plan_cmds import add_config_args, load_plan, rel, show_plan, show_scripts
-from progressive.cli.render import console
+from progressive.cli.plan_cmds import add_config_args, add_wide_arg, load_plan, rel, show_plan, show_scripts
+from progressive.cli.render import Col, console, err_console, print_next, print_table
+from progressive.cli.runs_cmd import add_run_args, choose_run
 from progressive.errors import DataError, RunError
 from progressive.states import StageState
 
@@ -31,25 +32,28 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="show what would be submitted (same as plan --dry-run)")
     p.add_argument("--local", action="store_true", help="run the stages on this machine, one after another")
+    add_wide_arg(p)
     p.add_argument("--force", action="store_true",
                    help="submit even stages the calibration says cannot finish within their requeues or do not fit")
     p.set_defaults(handler=cmd_submit)
 
     s = sub.add_parser("status", help="per stage: state, job id, requeues, progress, ETA, checkpoints")
-    _run_args(s)
+    add_run_args(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    add_wide_arg(s)
     s.add_argument("--watch", nargs="?", type=_positive_seconds, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage is final")
     s.set_defaults(handler=cmd_status)
 
     r = sub.add_parser("resume", help="resubmit stages that failed, timed out or were cancelled, from their last checkpoint")
-    _run_args(r)
+    add_run_args(r)
     r.add_argument("--dry-run", action="store_true", help="show what would be resubmitted")
+    add_wide_arg(r)
     r.set_defaults(handler=cmd_resume)
 
     lg = sub.add_parser("logs", help="print a stage's job output")
     lg.add_argument("args", nargs="+", metavar="[RUN] STAGE")
-    _jobs_root_arg(lg)
+    add_run_args(lg, positional=False)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
     lg.add_argument("--err", action="store_true", help="the job's stderr instead of stdout")
     lg.add_argument("--task", type=_task_arg, default=0, metavar="N|all",
@@ -57,25 +61,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     lg.set_defaults(handler=cmd_logs)
 
     c = sub.add_parser("cancel", help="cancel a run's jobs (all, or --stages)")
-    _run_args(c)
+    add_run_args(c)
     c.add_argument("--stages", metavar="A,B,...", help="only these stages")
     c.set_defaults(handler=cmd_cancel)
 
     d = sub.add_parser("demo", help="make a tiny dataset and run the tiny curriculum on this machine (minutes)")
-    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in copy of examples/tiny.toml,"
+    d.add_argument("-c", "--config", default=None, metavar="PATH", help="the graph (default: the built-in tiny curriculum,"
                    " writing data/, jobs/ and checkpoints/ under the current folder)")
     d.add_argument("--run-name", default="demo", metavar="NAME", help="run name (default: demo)")
+    add_wide_arg(d)
     d.set_defaults(handler=cmd_demo)
-
-
-def _jobs_root_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", default="jobs", metavar="DIR", help="the jobs folder holding run records (default: jobs)")
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """RUN (optional) and --jobs: how status, resume and cancel find a run."""
-    p.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the most recent run under the jobs folder)")
-    _jobs_root_arg(p)
 
 
 def _positive_seconds(text: str) -> float:
@@ -106,7 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     plan = load_plan(args, ask_task=not args.dry_run)  # data without an index: the task counts it
     if args.dry_run:
-        show_plan(plan)
+        show_plan(plan, wide=args.wide)
         show_scripts(plan)
         return 0
     if not args.force:
@@ -118,27 +113,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
     con = console()
     if args.local:
         con.print(f"run [bold]{rec.run_name}[/] on this machine; records in {rel(rec.run_dir)}")
-        return _run_local(rec)
-    from rich.table import Table
-
-    t = Table(title=f"run {rec.run_name}: submitted", header_style="bold")
-    for col in ("stage", "job id", "after"):
-        t.add_column(col)
-    for st in plan.stages:
-        sub = rec.stages[st.name].submissions[-1]
-        t.add_row(st.name, sub.job_id, sub.dependency or "-")
-    con.print(t)
-    con.print(f"watch: progressive status {rec.run_name}    logs: progressive logs {rec.run_name} STAGE")
+        return _run_local(rec, wide=args.wide)
+    subs = [rec.stages[st.name].submissions[-1] for st in plan.stages]
+    print_table([Col("stage"), Col("job id"), Col("after", drop=1)],
+                [[st.name, sub.job_id, sub.dependency or "-"] for st, sub in zip(plan.stages, subs)],
+                title=f"run {rec.run_name}: submitted", wide=args.wide)
+    ref = run_ref(rec)
+    print_next(f"progressive status {ref} --watch", f"progressive logs {ref} {plan.stages[0].name}",
+               f"progressive cancel {ref}")
     return 0
 
 
-def _run_local(rec: Any) -> int:
+def run_ref(rec: Any) -> str:
+    """How a command names this run: `NAME`, plus `--jobs DIR` when its records are not under ./jobs."""
+    jobs_root = Path(rec.run_dir).parent
+    if jobs_root.resolve() == Path("jobs").resolve():
+        return rec.run_name
+    return f"{rec.run_name} --jobs {rel(jobs_root)}"
+
+
+def _run_local(rec: Any, *, wide: bool = False) -> int:
     """Run a local run with a progress bar per stage; 130 when interrupted (resume continues it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from progressive.backends.local import run_local
+    from progressive.backends.local import run_local, unhonoured_requests
 
     con = console()
+    gpus, mem_mb = _machine()
+    for warning in unhonoured_requests(rec.plan, gpus=gpus, mem_mb=mem_mb):
+        err_console().print(f"warning: {warning}", markup=False, soft_wrap=True)
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=con,
@@ -155,30 +158,62 @@ def _run_local(rec: Any) -> int:
                 con.print(f"[yellow]stopped[/] {name} at step {outcome.step}/{outcome.total_steps}; "
                           f"checkpoint {rel(outcome.checkpoint)}. Continue with: progressive resume {rec.run_name}")
             elif event == "failed":
-                con.print(f"[red]failed[/] {name}: {outcome}")
+                # The error itself is printed once, by `main`, when run_local re-raises it.
+                con.print(f"[red]failed[/] {name}; its log: {rel(rec.layout.stage(name).local_log)}")
 
         def on_progress(name: str, m: dict[str, Any]) -> None:
             if name in tasks and "step" in m:
-                bar.update(tasks[name], completed=m["step"], info=f"loss {m.get('loss', float('nan')):.4g}")
+                loss = _loss_text(m)
+                if loss is None:
+                    bar.update(tasks[name], completed=m["step"])
+                else:
+                    bar.update(tasks[name], completed=m["step"], info=loss)
 
         results = run_local(rec, on_progress=on_progress, on_stage=on_stage)
     if all(v == "completed" for v in results.values()) and len(results) == len(rec.plan.stages):
-        show_results(rec)
+        show_results(rec, wide=wide)
+        ref = run_ref(rec)
+        print_next(f"progressive report {ref}", f"progressive status {ref}",
+                   f"progressive logs {ref} {rec.plan.stages[-1].name}")
         return 0
     return 130
+
+
+def _machine() -> tuple[int, int | None]:
+    """This machine's GPU count (as torch sees them) and memory in MB (None when unknown)."""
+    import os
+
+    import torch  # local mode is about to train: torch is imported either way
+
+    try:
+        mem_mb: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        mem_mb = None
+    return torch.cuda.device_count(), mem_mb
+
+
+def _loss_text(m: dict[str, Any]) -> str | None:
+    """The bar's loss field for one metrics line: None when the line carries no loss.
+
+    Checkpoint and end-of-stage lines have a step but no loss; keeping the last real one shows
+    `80/80 loss 0.091`, not `loss nan`. A loss that is itself NaN (a diverged run) is shown as such.
+    """
+    loss = m.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return f"loss {loss:.4g}"
+    return None
 
 
 def _fmt_eval(ev: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items())
 
 
-def show_results(rec: Any) -> None:
+def show_results(rec: Any, *, wide: bool = False) -> None:
     """The per-stage result table: final training loss and the task's evaluation.
 
     Iteration counts (keys ending in `_iters`) and ratios go first; other metrics only
     when the task reports no iteration counts (a custom task's own numbers).
     """
-    from rich.table import Table
 
     from progressive.metrics import tail_objects
 
@@ -194,13 +229,16 @@ def show_results(rec: Any) -> None:
     shown = [k for k in keys if k.endswith("_iters") or k.startswith("iters_vs")] or keys
     if "loss" in keys:
         shown = ["loss", *[k for k in shown if k != "loss"]]
-    t = Table(title=f"run {rec.run_name}: results (evaluation on held-out data)", header_style="bold")
-    for col in ["stage", "n", "steps", "train loss", *[("val " + k if k == "loss" else k) for k in shown]]:
-        t.add_column(col.replace("_iters", " iters").replace("_", " "), justify="left" if col == "stage" else "right")
-    for st, done, last, ev in rows:
-        cells = [_num(ev.get(k)) for k in shown]
-        t.add_row(st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")), *cells)
-    console().print(t)
+    # Narrow terminals get two-line headers first. At 80 columns the last iteration counts then go;
+    # the validation loss and the ratios (the learned preconditioner against a baseline) stay.
+    metric_cols = [Col("val loss" if k == "loss" else k.replace("_iters", " iters").replace("_", " "), "right",
+                       drop=len(shown) + 1 - i + (100 if k == "loss" or k.startswith("iters_vs") else 0), fold=True)
+                   for i, k in enumerate(shown)]
+    cols = [Col("stage"), Col("n", "right"), Col("steps", "right", drop=1),
+            Col("train loss", "right", len(shown) + 2, fold=True), *metric_cols]
+    table = [[st.name, str(st.bucket), str(done.get("step", "-")), _num(last.get("loss")),
+              *[_num(ev.get(k)) for k in shown]] for st, done, last, ev in rows]
+    print_table(cols, table, title=f"run {rec.run_name}: results (evaluation on held-out data)", wide=wide)
 
 
 def _num(v: Any) -> str:
@@ -213,18 +251,18 @@ def _num(v: Any) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `progressive status`."""
-    from progressive import record, runs
+    from progressive import record
     from progressive.states import FINAL
     from progressive.status import stage_statuses
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="status")
+    rec = choose_run(args, verb="status")
     while True:
         rec = record.load(rec.run_dir)  # a resume in between changes the job ids
         statuses = stage_statuses(rec)
         if args.json:
             print(json.dumps({"run": rec.run_name, "mode": rec.mode, "stages": [s.as_json() for s in statuses]}, indent=2))
         else:
-            _show_status(rec, statuses)
+            _show_status(rec, statuses, wide=args.wide)
         if not args.watch or all(s.state in FINAL for s in statuses):
             return 0
         time.sleep(args.watch)
@@ -237,21 +275,26 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _show_status(rec: Any, statuses: list[Any]) -> None:
-    from rich.table import Table
+# At 80 columns the stage, its state and its progress stay; the checkpoint path goes first.
+STATUS_COLUMNS = (
+    Col("stage"), Col("state"), Col("job", drop=6), Col("requeues", "right", 4), Col("step", "right", 9),
+    Col("epoch", "right", 2), Col("loss", "right", 8), Col("elapsed", drop=5), Col("eta", drop=7),
+    Col("checkpoint", drop=1),
+)
 
-    t = Table(title=f"run {rec.run_name} ({rec.mode})", header_style="bold")
-    for col in ("stage", "state", "job", "requeues", "step", "epoch", "loss", "elapsed", "eta", "checkpoint"):
-        t.add_column(col)
+
+def _show_status(rec: Any, statuses: list[Any], *, wide: bool = False) -> None:
+    rows = []
     for s in statuses:
         style = STATE_STYLE[s.state]
         progress = f"{s.step if s.step is not None else '-'}/{s.total_steps if s.total_steps is not None else '?'}"
         ckpt = s.final_checkpoint or s.checkpoint
-        t.add_row(s.name, f"[{style}]{s.state}[/]" if style else s.state, s.job_id or "-", str(s.requeues), progress,
-                  str(s.epoch) if s.epoch is not None else "-", f"{s.loss:.4g}" if s.loss is not None else "-",
-                  s.elapsed or "-", _fmt_s(s.eta_s), rel(ckpt) if ckpt else "-")
+        rows.append([s.name, f"[{style}]{s.state}[/]" if style else str(s.state), s.job_id or "-", str(s.requeues),
+                     progress, str(s.epoch) if s.epoch is not None else "-",
+                     f"{s.loss:.4g}" if s.loss is not None else "-", s.elapsed or "-", _fmt_s(s.eta_s),
+                     rel(ckpt) if ckpt else "-"])
+    print_table(STATUS_COLUMNS, rows, title=f"run {rec.run_name} ({rec.mode})", wide=wide)
     con = console()
-    con.print(t)
     for s in statuses:
         if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
@@ -272,27 +315,51 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from progressive import runs
     from progressive.backends import get_backend
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="resume")
+    rec = choose_run(args, verb="resume")
     backend = get_backend(rec.mode)
     actions = runs.resume(rec, backend=backend, dry_run=args.dry_run)
-    if backend.runs_in_process:
-        if args.dry_run:
-            for a in actions:
-                console().print(f"{a.stage}: {'skip (completed)' if a.action.startswith('skip') else 'run locally'}")
-            return 0
-        return _run_local(rec)
-    from rich.table import Table
-
-    t = Table(title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", header_style="bold")
-    for col in ("stage", "action", "old job", "new job", "after", "from checkpoint"):
-        t.add_column(col)
-    for a in actions:
-        t.add_row(a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
-                  rel(a.from_checkpoint) if a.from_checkpoint else "-")
-    console().print(t)
+    con = console()
     if not any(a.action.endswith("submit") for a in actions):
-        console().print("nothing to resubmit: every stage is complete or live")
+        con.print(_nothing_left(rec.run_name, actions), markup=False, soft_wrap=True)
+        if all(a.action.startswith("skip") for a in actions):
+            con.print(f"next: progressive report {rec.run_name}", markup=False)
+        return 0
+    if backend.runs_in_process:
+        for a in actions:
+            if a.action.endswith("submit"):
+                con.print(f"{'would resume' if args.dry_run else 'resuming'} {resume_origin(a)}")
+        return 0 if args.dry_run else _run_local(rec, wide=args.wide)
+    cols = [Col("stage"), Col("action"), Col("old job", drop=3), Col("new job", drop=4), Col("after", drop=2),
+            Col("from checkpoint", drop=1)]
+    print_table(cols, [[a.stage, a.action, a.old_job or "-", a.new_job or "-", a.dependency or "-",
+                        rel(a.from_checkpoint) if a.from_checkpoint else "-"] for a in actions],
+                title=f"run {rec.run_name}: resume{' (dry run)' if args.dry_run else ''}", wide=args.wide)
+    for a in actions:
+        if a.new_job:
+            con.print(f"resubmitted {resume_origin(a)} as job {a.new_job}")
     return 0
+
+
+def _nothing_left(run: str, actions: list[Any]) -> str:
+    """Why resume has nothing to do: every stage complete, or the rest still queued or running."""
+    done = sum(a.action.startswith("skip") for a in actions)
+    if done == len(actions):
+        return f"nothing to resume: run {run} is complete ({done} of {done} stages)"
+    live = [a.stage for a in actions if a.action.startswith("keep")]
+    return f"nothing to resubmit: every stage is complete or live ({', '.join(live)} queued or running)"
+
+
+def resume_origin(action: Any) -> str:
+    """Where a resumed stage starts: `small_512 from step 112`, or from the start (and whose weights)."""
+    from progressive.layout import STEP_RE
+
+    ckpt = action.from_checkpoint
+    match = STEP_RE.match(Path(ckpt).name) if ckpt else None
+    if match:
+        return f"{action.stage} from step {int(match.group(1))}"
+    if ckpt:
+        return f"{action.stage} from the start, initialised from {rel(ckpt)}"
+    return f"{action.stage} from the start"
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -300,7 +367,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from progressive import runs
     from progressive.cli.plan_cmds import split_stages
 
-    rec = runs.find_run(Path(args.jobs), args.run, verb="cancel")
+    rec = choose_run(args, verb="cancel")
     ids = runs.cancel(rec, split_stages(args.stages))
     console().print(f"cancelled {', '.join(ids) if ids else 'nothing'} in run {rec.run_name}; "
                     f"continue later with: progressive resume {rec.run_name}")
@@ -309,13 +376,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Handler of `progressive logs [RUN] STAGE`."""
-    from progressive import runs
     from progressive.status import log_files
 
     if len(args.args) > 2:
         raise RunError("expected [RUN] STAGE", loc="logs", hint="e.g. `progressive logs tiny tiny_128`")
     run, stage = (args.args if len(args.args) == 2 else (None, args.args[0]))
-    rec = runs.find_run(Path(args.jobs), run, verb="logs")
+    rec = choose_run(args, verb="logs", run=run)
     files = log_files(rec, stage, task=args.task)
     paths = files.stderr if args.err else files.stdout
     existing = [p for p in paths if p.is_file()]
@@ -391,6 +457,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rec = runs.find_run(Path(plan.run_dir).parent, plan.run_name, verb="demo")
         con.print(f"continuing the demo run {plan.run_name!r} (delete {rel(plan.run_dir)} and {rel(plan.checkpoint_root)} to start over)")
     else:
-        show_plan(plan)
+        show_plan(plan, wide=args.wide)
         rec = runs.submit(plan, config_text, get_backend("local"))
-    return _run_local(rec)
+    return _run_local(rec, wide=args.wide)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from progressive.cli.plan_cmds import DEFAULT_CONFIG, rel
-from progressive.cli.render import console
+from progressive.cli.plan_cmds import DEFAULT_CONFIG, add_wide_arg, rel
+from progressive.cli.render import Col, console, print_next, print_table
 
 if TYPE_CHECKING:
     from progressive.sweep.config import SweepTable
@@ -28,6 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _files(pl)
     pl.add_argument("--json", action="store_true", help="machine-readable output (includes the array scripts)")
     pl.add_argument("--dry-run", action="store_true", help="also print each array's exact sbatch script")
+    add_wide_arg(pl)
     pl.set_defaults(handler=cmd_plan)
 
     s = acts.add_parser("submit", help="submit every variant (job arrays) and exit; or run them here with --local")
@@ -38,6 +39,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     st = acts.add_parser("status", help="variants x stages: state, metric, pruned, best so far")
     _sweep_arg(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    add_wide_arg(st)
     st.set_defaults(handler=cmd_status)
 
     r = acts.add_parser("resume", help="resubmit failed, cancelled or timed-out variants from their checkpoints")
@@ -128,30 +130,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         "dependency": layout.dependencies[a.key], "sbatch": layout.scripts[a.key]} for a in layout.arrays],
         }, indent=2))
         return 0
-    from rich.table import Table
-
     con = console()
     extra = f"   subset {sweep.subset.max_samples} samples (seed {sweep.subset.seed})" if sweep.subset else ""
     prune = f"   prune keep {sweep.prune.keep:g} after each stage" if sweep.prune else ""
     con.print(f"[bold]sweep[/] {sweep.name}   [bold]method[/] {sweep.method}   [bold]metric[/] {sweep.metric} ({sweep.goal})"
               f"   [bold]parallel[/] {sweep.parallel}{extra}{prune}   [bold]records[/] {rel(paths.sweep_dir)}")
-    t = Table(header_style="bold")
     keys = list(sweep.params)
-    for col in ["variant", *keys, "stages (steps)"]:
-        t.add_column(col)
+    rows = []
     for vp in vplans:
         p = vp.variant.params
         cells = [_fmt(p[k]) if p is not None else "[dim]drawn at start[/]" for k in keys]
         chain = " -> ".join(f"{st.name} ({st.total_steps if st.total_steps is not None else '?'})" for st in vp.plan.stages)
-        t.add_row(vp.variant.name, *cells, chain)
-    con.print(t)
-    a = Table(title="job arrays (task id = variant index)", header_style="bold")
-    for col in ("array", "step", "tasks", "after"):
-        a.add_column(col)
-    for spec in layout.arrays:
-        tasks = ", ".join(f"{i}:{v}.{s}" for i, (v, s) in sorted(spec.tasks.items()))
-        a.add_row(spec.key, str(spec.step), tasks, layout.dependencies[spec.key] or "-")
-    con.print(a)
+        rows.append([vp.variant.name, *cells, chain])
+    # At 80 columns the variant and its parameters stay; the stage chain goes first.
+    print_table([Col("variant"), *[Col(k, drop=10 + i) for i, k in enumerate(keys)], Col("stages (steps)", drop=1)],
+                rows, wide=args.wide)
+    arrays = [[spec.key, str(spec.step), ", ".join(f"{i}:{v}.{s}" for i, (v, s) in sorted(spec.tasks.items())),
+               layout.dependencies[spec.key] or "-"] for spec in layout.arrays]
+    print_table([Col("array"), Col("step", "right"), Col("tasks", drop=1), Col("after", drop=2)], arrays,
+                title="job arrays (task id = variant index)", wide=args.wide)
     n_jobs = sum(len(s.tasks) for s in layout.arrays)
     con.print(f"{len(vplans)} variants, {n_jobs} stage jobs in {len(layout.arrays)} arrays "
               f"({len(layout.arrays) + (max(s.step for s in layout.arrays) if sweep.prune else 0) + 1} sbatch calls)")
@@ -179,7 +176,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _run_local(rec)
     con.print(f"sweep [bold]{rec.name}[/]: {len(rec.variants)} variants submitted as {len(rec.arrays)} job arrays "
               f"({', '.join(f'{a.key}={a.job_id}' for a in rec.arrays)}); summary job {rec.final_job}")
-    con.print(f"watch: progressive sweep status {rec.name}")
+    print_next(f"progressive sweep status {rec.name}", f"progressive sweep cancel {rec.name}",
+               f"progressive report {rec.name}")
     return 0
 
 
@@ -199,6 +197,7 @@ def _run_local(rec: Any) -> int:
     if not ok:
         con.print(f"interrupted; continue with: progressive sweep resume {rec.name}")
         return 130
+    print_next(f"progressive report {rec.name}", f"progressive sweep status {rec.name}")
     return 0
 
 
@@ -215,13 +214,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "best": top.name if top else None,
                           "variants": [r.__dict__ for r in table]}, indent=2, default=str))
         return 0
-    _show_status(rec)
+    _show_status(rec, wide=args.wide)
     return 0
 
 
-def _show_status(rec: Any) -> None:
-    from rich.table import Table
-
+def _show_status(rec: Any, *, wide: bool = False) -> None:
     from progressive.cli.run_cmds import STATE_STYLE
     from progressive.sweep.summary import best, rows
 
@@ -229,9 +226,13 @@ def _show_status(rec: Any) -> None:
     top = best(rec, table)
     stage_names = list(dict.fromkeys(s for r in table for s in r.stages))
     keys = list(dict.fromkeys(k for r in table for k in r.params))
-    t = Table(title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best", header_style="bold")
-    for col in ["variant", *keys, "state", *stage_names, "final", "cpu h"]:
-        t.add_column(col)
+    # At 80 columns the CPU hours go first, then the earlier stages' metrics; the variant, its
+    # parameters, its state and its final metric stay.
+    n = len(stage_names)
+    cols = [Col("variant"), *[Col(k, drop=100 + i) for i, k in enumerate(keys)], Col("state", drop=200),
+            *[Col(s, "right", drop=2 + i) for i, s in enumerate(stage_names)], Col("final", "right", drop=2 + n),
+            Col("cpu h", "right", drop=1)]
+    out = []
     for r in table:
         style = next((v for k, v in STATE_STYLE.items() if k.value == r.state), "")
         cells = []
@@ -242,9 +243,10 @@ def _show_status(rec: Any) -> None:
             m = r.stage_metrics.get(s)
             cells.append(f"{m:.4g}" if m is not None else r.stages[s])
         name = f"[bold]{r.name} *[/]" if top is not None and r.name == top.name else r.name
-        t.add_row(name, *[_fmt(r.params.get(k, "")) for k in keys], f"[{style}]{r.state}[/]" if style else r.state, *cells,
-                  f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}")
-    console().print(t)
+        out.append([name, *[_fmt(r.params.get(k, "")) for k in keys], f"[{style}]{r.state}[/]" if style else r.state,
+                    *cells, f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}"])
+    print_table(cols, out, title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best",
+                wide=wide)
     if top is not None:
         console().print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
 

@@ -219,7 +219,7 @@ class BucketReader:
             present = buckets_in(self._f)
             if self.bucket not in present:
                 listed = ", ".join(map(str, present)) or "none"
-                raise DataError(f"bucket n={self.bucket} is not in the file (buckets present: {listed})",
+                raise DataError(f"bucket {self.bucket} is not in {self.path.name} (present: {listed})",
                                 loc=str(self.path), hint="set the stage's bucket to one of those sizes, "
                                 "or generate the size with `progressive data generate --sizes ...`")
             g = _group(self._f, self.bucket, split)

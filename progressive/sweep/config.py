@@ -133,7 +133,8 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("file not found", loc=str(path),
-                          hint="pass the sweep file with -s PATH (see examples/sweep.toml)") from None
+                          hint="pass the sweep file with -s PATH, or write a starter one here with "
+                               "`progressive init --sweep`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file: {exc}", loc=str(path)) from None
     return parse_sweep(text, source=str(path)), text
