@@ -18,6 +18,27 @@ from progressive.tracking import files
 from progressive.tracking.wandb_sink import stage_config
 
 FLUSH_EVERY_S = 1.0
+SQLITE = "sqlite:///"
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Make a new sqlite store whole or not at all: MLflow builds its schema in many steps (~2 s), and a job
+    that ends meanwhile (a stop, a kill) would leave a store every later job fails to open. So it is built
+    in a temp file and renamed into place, under a lock so that two stages starting together make one."""
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri[len(SQLITE):])
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=120):
+        if path.exists():
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        MlflowClient(tracking_uri=SQLITE + str(tmp)).search_experiments()  # creates and migrates the schema
+        os.replace(tmp, path)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
@@ -49,6 +70,8 @@ class MlflowSink:
 
         m = self.plan.tracking.mlflow
         assert m is not None
+        if m.tracking_uri and m.tracking_uri.startswith(SQLITE):
+            _create_sqlite_store(m.tracking_uri)
         self.client = client = MlflowClient(tracking_uri=m.tracking_uri)
 
         def experiment() -> str:
