@@ -11,5 +11,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[test,report,sweep,wandb,mlflow]"
+.venv/bin/pip install -q -e ".[test,report,sweep,wandb,mlflow,docs]"
 .venv/bin/progressive --version
