@@ -227,3 +227,26 @@ def test_the_old_train_tensorboard_key_still_works_and_plan_warns(tmp_path: Path
     flat = " ".join(out.split())
     assert "warning: [train] tensorboard is deprecated: write a [tracking.tensorboard] table instead" in flat
     assert "tracking: TensorBoard event files under each stage's folder" in flat
+
+
+def test_report_sends_the_transfer_matrix_to_each_stages_tracker_runs(tmp_path: Path, tiny_dataset: Path) -> None:
+    pytest.importorskip("matplotlib", reason="report's figures need the report extra")
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[run]\nname = "trk"\ndata = "{tiny_dataset}"\n[train]\neval_samples = 1\n'
+                   '[model.options]\nhidden = 8\nlayers = 1\nsketch = 4\nic0 = false\n' + tracking(uri)
+                   + BASE + '[[stage]]\nname = "b"\nbucket = 32\nbatch_size = 2\nepochs = 1\n')
+    run_cli("submit", "--local", "-c", str(cfg), cwd=tmp_path, check=True)
+    out = run_cli("report", "trk", "--transfer-samples", "1", cwd=tmp_path, check=True).stdout
+    assert "transfer matrix sent to W&B (2 stage run(s))" in out
+    assert "transfer matrix sent to MLflow (2 stage run(s))" in out
+    ml = mlflow_runs(uri, experiment="trk")
+    for stage in ("trk.a", "trk.b"):
+        metrics = ml["runs"][stage].data.metrics
+        assert {"transfer/n16/learned_iters", "transfer/n32/learned_iters"} <= set(metrics), sorted(metrics)
+    # W&B offline: the report wrote one more segment of each stage's run, with the row in its summary
+    for stage in ("a", "b"):
+        segs = sorted((tmp_path / "jobs" / "trk" / "stages" / stage / "wandb").glob("offline-run-*"))
+        assert len(segs) == 2 and len({s.name.rsplit("-", 1)[1] for s in segs}) == 1
+        summary = [r["summary"] for r in wandb_records(segs[-1]) if r["type"] == "summary"]
+        assert any("transfer/n32/learned_iters" in json.dumps(s) for s in summary)

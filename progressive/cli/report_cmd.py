@@ -109,6 +109,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if rep.transfer is not None:
         out.print(f"transfer matrix: {rep.transfer.evaluated} cell(s) evaluated, "
                   f"{len(rep.transfer.cells) - rep.transfer.evaluated} from the cache")
+        if rep.transfer.cells and (rec.plan.tracking.wandb or rec.plan.tracking.mlflow):
+            from progressive.tracking.publish import publish_transfer
+
+            for line in publish_transfer(rec.plan, rep.transfer.cells):
+                out.print(line, markup=False, soft_wrap=True)
     out.print(f"effective training time ratio: {ratio:.3f}" if ratio is not None else "effective training time ratio: -")
     out.print(f"report: {rel(rep.index)}")
     return 0

@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from progressive import atomic
 
-__all__ = ["ids_path", "get_or_create_id", "add_note", "read_notes", "offline_runs", "unsynced_runs", "read_sent",
+__all__ = ["ids_path", "get_or_create_id", "read_id", "add_note", "read_notes", "offline_runs", "unsynced_runs", "read_sent",
            "write_sent"]
 
 IDS_FILE = "tracking.json"
@@ -56,6 +56,12 @@ def get_or_create_id(run_dir: str | Path, tracker: str, key: str, create: Callab
         data.setdefault(tracker, {})[key] = new
         atomic.write_text(path, json.dumps(data, indent=1, sort_keys=True))
         return new
+
+
+def read_id(run_dir: str | Path, tracker: str, key: str) -> str | None:
+    """The stored id of `key` for `tracker`, or None if no job has made one yet."""
+    found = _read(ids_path(run_dir)).get(tracker, {}).get(key)
+    return found if isinstance(found, str) and found else None
 
 
 def add_note(stage_dir: str | Path, note: str) -> None:
