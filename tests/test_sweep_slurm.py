@@ -140,3 +140,33 @@ def test_sbatch_refusal_leaves_nothing(slurm_cluster: None, tiny_dataset: Path, 
     assert proc.returncode == 1 and "sbatch failed" in proc.stderr and "nosuchpartition" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "jobs" / "refused").exists()  # no half-submitted sweep left behind
+
+
+def test_tpe_on_the_cluster_draws_from_the_journal_its_array_tasks_fed(slurm_cluster: None, tiny_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    """method = "tpe" as Slurm array tasks: each task draws its trial's parameters when it starts, from the Optuna
+    journal on the shared file system, and tells it its final metric; with parallel = 2 the last two trials are
+    drawn after the first two told theirs, so their suggestions come from what the array tasks wrote."""
+    optuna = pytest.importorskip("optuna", reason="the `sweep` extra (scripts/setup.sh installs it)")
+    (tmp_path / "stages.toml").write_text(graph(tiny_dataset).replace("step_sleep = 0.25", "step_sleep = 0.0")
+                                          .split('[[stage]]\nname = "s32"')[0])
+    (tmp_path / "sweep.toml").write_text('[sweep]\nname = "tpe"\nmethod = "tpe"\ntrials = 4\nmetric = "learned_iters"\n'
+                                         'parallel = 2\n[sweep.params]\n"train.lr" = { low = 1e-3, high = 1e-2, log = true }\n')
+    proc = run_cli("sweep", "submit", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = tmp_path / "jobs"
+    st = wait_for(lambda: settled("tpe", jobs), 600, "the tpe sweep to settle")
+    assert sorted(v["state"] for v in st["variants"]) == ["completed"] * 4, st
+    rec = json.loads((jobs / "tpe" / "sweep.json").read_text())
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(jobs / "tpe" / "optuna.journal")))
+    trials = {t.number: t for t in optuna.load_study(study_name="tpe", storage=storage).trials}
+    rows = summary(jobs, "tpe")
+    assert sorted(trials) == [0, 1, 2, 3] == sorted(v["trial"] for v in rec["variants"])
+    for v in rec["variants"]:
+        t = trials[v["trial"]]
+        run = json.loads((jobs / "tpe" / v["name"] / "run.json").read_text())
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.params == v["params"]
+        assert all(stage["train"]["lr"] == v["params"]["train.lr"] for stage in run["plan"]["stages"])
+        assert t.value == float(rows[v["name"]]["final.learned_iters"])
+    first_done = min(trials[0].datetime_complete, trials[1].datetime_complete)
+    assert max(trials[2].datetime_start, trials[3].datetime_start) >= first_done  # drawn from a journal with results
