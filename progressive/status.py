@@ -43,6 +43,8 @@ class StageStatus:
     checkpoint: Optional[str]
     final_checkpoint: Optional[str]
     fix: Optional[str] = None  # the command that gets it going again
+    preemptions: int = 0  # preemptions the current job came back from (they do not count toward max_requeues)
+    notes: list[str] = field(default_factory=list)  # facts worth a line under the table (preemptions, torn files)
 
     def as_json(self) -> dict[str, Any]:
         """The `status --json` form."""
@@ -97,6 +99,7 @@ def stage_status(rec: RunRecord, st: StagePlan, info: JobInfo | None) -> StageSt
         step = total if total is not None else step
     fix = f"progressive resume {rec.run_name}" if state in RESUMABLE and state is not S.NOT_SUBMITTED else None
     reason = info.reason if info else ""
+    preempted = requeues.preemptions(rec.layout.stage(st.name).requeues, srec.job_id)
     if state is S.BLOCKED:
         reason = "its parent did not complete (Slurm: DependencyNeverSatisfied)"
     return StageStatus(
@@ -104,8 +107,18 @@ def stage_status(rec: RunRecord, st: StagePlan, info: JobInfo | None) -> StageSt
         requeues=requeues.count(rec.layout.stage(st.name).requeues, srec.job_id), step=step, total_steps=total,
         epoch=metrics.get("epoch"), loss=metrics.get("loss"), elapsed=info.elapsed if info else "",
         eta_s=eta, checkpoint=latest_checkpoint_file(st), final_checkpoint=st.final_checkpoint if complete else None,
-        fix=fix,
+        fix=fix, preemptions=preempted, notes=_notes(st, state, preempted),
     )
+
+
+def _notes(st: StagePlan, state: StageState, preempted: int) -> list[str]:
+    """Lines `status` shows under its table for this stage."""
+    notes = []
+    if preempted:
+        now = "; it is waiting to run again" if state is S.PENDING else ""
+        notes.append(f"{st.name} was preempted {preempted} time(s) and requeued itself (time-out requeues "
+                     f"unaffected){now}")
+    return notes
 
 
 @dataclass

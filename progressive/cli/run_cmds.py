@@ -253,6 +253,8 @@ def _show_status(rec: Any, statuses: list[Any]) -> None:
     con = console()
     con.print(t)
     for s in statuses:
+        for note in s.notes:
+            con.print(note, markup=False)
         if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
         elif s.fix:

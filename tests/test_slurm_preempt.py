@@ -1,0 +1,90 @@
+"""Preemption on the real test cluster: a stage preempted by a high-tier job comes back by itself.
+
+The cluster runs with preemption by partition priority for these tests only (the `preemption`
+fixture switches scripts/slurm-up.sh's configuration in and always back out): debug is
+preemptible (PreemptMode=REQUEUE, GraceTime=30 s), a job on the high partition that needs the
+whole node preempts the stage at once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.slurm_support import (ended, preemption, slurm_cluster, slurm_jobs, squeue_state, status,  # noqa: F401
+                                 wait_for)
+from tests.test_slurm_run import (ENV, START, STAGE, assert_no_step_redone, events, record, stage, submit, weights,
+                                  write_graph)
+from tests.util import run_cli
+
+pytestmark = pytest.mark.slurm
+
+PREEMPTOR_S = 5  # how long the high-tier job holds the node
+
+
+def _preempt(partition: str) -> str:
+    """Submit a job on the high tier that needs both CPUs of the node: it preempts whatever runs on debug."""
+    out = subprocess.run(["sbatch", "--parsable", "-p", partition, "-c", "2", "-J", "preemptor", "-o", "/dev/null",
+                          "--wrap", f"sleep {PREEMPTOR_S}"], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def test_preempted_stage_requeues_itself_and_ends_bitwise_identical(preemption: str, slurm_jobs: Path,
+                                                                   tiny_dataset: Path, tmp_path: Path) -> None:
+    """Preempted mid-run (SIGTERM, GraceTime 30 s): the stage saves, requeues itself under the same job id,
+    resumes at the saved step (0 steps redone), completes with the weights of an uninterrupted run; the
+    time-out requeue count stays 0 and its afterok child runs."""
+    stages = stage("pre", 16, 2, 8, 'init_from = "none"') + stage("post", 32, 2, 1)
+    cfg = write_graph(tmp_path, tiny_dataset, "preempt", stages, options="step_sleep = 0.2")
+    submit(cfg)
+    jobs = slurm_jobs
+    metrics = jobs / "preempt" / "stages" / "pre" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and any(e.get("step", 0) >= 10 for e in events(metrics)), START, "10 steps")
+    job_id = record(jobs, "preempt")["stages"]["pre"]["submissions"][-1]["job_id"]
+    preempted_at = time.time()
+    preemptor = _preempt(preemption)
+    try:
+        # Not failed, not blocked: pending (or already running again) with one preemption counted.
+        back = wait_for(lambda: (lambda s: s if s["pre"]["preemptions"] == 1 else False)(status("preempt", jobs)),
+                        START, "the stage to count its preemption")
+        assert back["pre"]["state"] in ("pending", "running", "completed"), back
+        assert back["post"]["state"] != "blocked", back
+        done = wait_for(lambda: ended("preempt", jobs), STAGE, "the preempted chain's jobs to end")
+        assert squeue_state(preemptor) == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", preemptor], capture_output=True, timeout=60)
+    assert all(s["state"] == "completed" and s["slurm_state"] == "COMPLETED" for s in done.values()), done
+    assert done["pre"]["job_id"] == job_id  # requeued under the same id: the afterok edge held
+    assert done["pre"]["requeues"] == 0 and done["pre"]["preemptions"] == 1, done
+    rec = record(jobs, "preempt")
+    assert all(len(rec["stages"][n]["submissions"]) == 1 for n in ("pre", "post"))  # nobody resumed by hand
+
+    ev = events(metrics)
+    stopped = [e for e in ev if e.get("event") == "stopped"]
+    starts = [e for e in ev if e.get("event") == "start"]
+    assert len(stopped) == 1 and len(starts) == 2, (stopped, starts)
+    assert starts[1]["resumed_from"] and starts[1]["step"] == stopped[0]["step"] > 0  # resumed at the saved step
+    steps = assert_no_step_redone(metrics)  # 0 steps redone
+    assert steps[-1] == done["pre"]["total_steps"]
+    first_step_again = next(e for e in ev if e.get("event") == "step" and e["time"] > starts[1]["time"])
+    seconds = first_step_again["time"] - preempted_at
+    print(f"\npreemption: saved step {stopped[0]['step']} {stopped[0]['time'] - preempted_at:.1f} s after the "
+          f"preemptor's submission, training again {seconds:.1f} s after it (preemptor holds the node "
+          f"{PREEMPTOR_S} s; steps redone: 0)")
+    logs = run_cli("logs", "preempt", "pre", "--jobs", str(jobs), check=True).stdout
+    assert f"job {job_id} is being preempted: requeueing it (preemption 1" in logs
+    text = run_cli("status", "preempt", "--jobs", str(jobs), check=True).stdout
+    assert "pre was preempted 1 time(s) and requeued itself" in text
+
+    ref_cfg = write_graph(tmp_path, tiny_dataset, "reference", stages, options="step_sleep = 0.0")
+    proc = run_cli("submit", "--local", "-c", str(ref_cfg), cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("pre", "post"):
+        got = weights(done[name]["final_checkpoint"])
+        want = weights(tmp_path / "checkpoints" / "reference" / name / "final.pt")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got), f"{name}: weights differ from the uninterrupted run"
