@@ -54,11 +54,12 @@ class StageStatus:
 
 
 def latest_checkpoint_file(stage: StagePlan) -> Optional[str]:
-    """The stage's newest intact full-state checkpoint, as the trainer would resume it (None if none)."""
+    """The stage's newest intact full-state checkpoint (None if none), by the cheap check and moving nothing:
+    status is read-only; the trainer verifies every CRC and moves corrupt files aside when it resumes."""
     from progressive.checkpoint import latest_checkpoint
 
     try:
-        found = latest_checkpoint(stage.checkpoint_dir)
+        found = latest_checkpoint(stage.checkpoint_dir, resuming=False)
     except CheckpointError:
         return None  # every file torn: the trainer says so when the stage runs; status shows none
     return str(found) if found else None
@@ -118,6 +119,23 @@ def _notes(st: StagePlan, state: StageState, preempted: int) -> list[str]:
         now = "; it is waiting to run again" if state is S.PENDING else ""
         notes.append(f"{st.name} was preempted {preempted} time(s) and requeued itself (time-out requeues "
                      f"unaffected){now}")
+    return notes + _checkpoint_notes(st)
+
+
+def _checkpoint_notes(st: StagePlan) -> list[str]:
+    """Corrupt checkpoints of the stage: moved aside at a resume, or torn and still waiting for one."""
+    from progressive.checkpoint import corrupt_files, torn_files
+
+    folder = Path(st.checkpoint_dir)
+    notes = []
+    aside = corrupt_files(folder)
+    if aside:
+        notes.append(f"{st.name}: {len(aside)} corrupt checkpoint(s) moved aside (kept, not deleted) in {folder}: "
+                     + ", ".join(p.name for p in aside))
+    torn = [p.name for p in torn_files(folder)]
+    if torn:
+        notes.append(f"{st.name}: torn checkpoint(s) {', '.join(torn)} in {folder}: the stage resumes from an "
+                     "older one and moves them aside")
     return notes
 
 
