@@ -162,7 +162,16 @@ def _after_time_limit_signal(job_id: str, counter: Path, stage: StagePlan, run_n
     if used < stage.slurm.max_requeues:
         requeues.set_count(counter, job_id, used + 1)
         log.info("requeueing job %s (time-out requeue %d of %d)", job_id, used + 1, stage.slurm.max_requeues)
-        slurm.requeue(job_id)
+        try:
+            slurm.requeue(job_id)
+        except SlurmError as exc:
+            # E.g. a job submitted with --no-requeue, or a site with JobRequeue=0. Not silently: say so, keep
+            # the count true, and end as TIMEOUT at the limit (status: timeout, with the resume command).
+            requeues.set_count(counter, job_id, used)
+            log.error("Slurm refused to requeue job %s, so this stage cannot continue by itself: the job ends as "
+                      "TIMEOUT at its time limit; the checkpoint is on disk, continue with `progressive resume %s`: "
+                      "%s", job_id, run_name, exc)
+            _wait_for_time_limit(stage.slurm.signal_delay + 300)
         # Slurm has the job back in its queue under the same id; leaving now spares the requeue
         # Slurm's KillWait. Exit non-zero: should the requeue somehow not have taken, the job
         # must not count as COMPLETED (its dependents would start without final weights).

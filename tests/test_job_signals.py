@@ -122,3 +122,27 @@ def test_requeue_counts_are_kept_apart(tmp_path: Path) -> None:
     assert (requeues.count(counter, "5"), requeues.preemptions(counter, "5")) == (3, 0)
     counter.write_text("not json")
     assert requeues.count(counter, "5") == 0
+
+
+def test_refused_time_out_requeue_is_said_and_ends_as_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_trainer_support import make_data, make_plan, stage_toml
+
+    plan = make_plan(tmp_path, make_data(tmp_path / "d.h5"), stage_toml("a", epochs=1),
+                     slurm='max_requeues = 3\nsignal_delay = "20s"', run_name="refused")
+    counter = tmp_path / "requeues.json"
+    requeues.set_count(counter, "7", 1)
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        raise SystemExit(1)
+
+    monkeypatch.setattr(slurm, "run", FakeScontrol(NO_PREEMPTION, requeue_error=DISABLED))
+    monkeypatch.setattr(job, "_wait_for_time_limit", wait)
+    with caplog.at_level(logging.INFO, "progressive.job"), pytest.raises(SystemExit):
+        job._after_time_limit_signal("7", counter, plan.stages[0], plan.run_name)
+    assert waits == [320]  # stays until the limit: Slurm records TIMEOUT (not FAILED, never COMPLETED)
+    assert requeues.count(counter, "7") == 1  # the refused requeue is not counted
+    assert "Slurm refused to requeue job 7, so this stage cannot continue by itself" in caplog.text
+    assert "continue with `progressive resume refused`" in caplog.text and DISABLED in caplog.text
