@@ -68,7 +68,8 @@ def master_port(job_id: str) -> int:
 
 
 def _wait_for_time_limit(seconds: float) -> NoReturn:
-    """With no requeue left, let Slurm end the job at its limit so it is recorded as TIMEOUT.
+    """Let Slurm end the job itself: at its time limit (recorded TIMEOUT, when no requeue is left or
+    Slurm refused one) or at the end of a preemption's GraceTime (Slurm then applies PreemptMode).
 
     Exiting first would record FAILED (or COMPLETED, which would start the dependents on a
     stage whose final weights do not exist).

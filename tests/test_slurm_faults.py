@@ -1,9 +1,9 @@
-"""Preemption on the real test cluster: a stage preempted by a high-tier job comes back by itself.
+"""Faults on the real test cluster: preemption, and a requeue that Slurm refuses.
 
-The cluster runs with preemption by partition priority for these tests only (the `preemption`
-fixture switches scripts/slurm-up.sh's configuration in and always back out): debug is
-preemptible (PreemptMode=REQUEUE, GraceTime=30 s), a job on the high partition that needs the
-whole node preempts the stage at once.
+For the preemption test the cluster runs with preemption by partition priority (the
+`preemption` fixture switches scripts/slurm-up.sh's configuration in and always back out):
+debug is preemptible (PreemptMode=REQUEUE, GraceTime=30 s), a job on the high partition that
+needs the whole node preempts the stage at once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from tests.slurm_support import (ended, preemption, slurm_cluster, slurm_jobs, squeue_state, status,  # noqa: F401
                                  wait_for)
-from tests.test_slurm_run import (ENV, START, STAGE, assert_no_step_redone, events, record, stage, submit, weights,
-                                  write_graph)
+from tests.test_slurm_run import (ENV, LIMIT, REQUEUED_STAGE, START, STAGE, assert_no_step_redone, events, record,
+                                  stage, submit, weights, write_graph)
 from tests.util import run_cli
 
 pytestmark = pytest.mark.slurm
@@ -72,9 +72,10 @@ def test_preempted_stage_requeues_itself_and_ends_bitwise_identical(preemption: 
     assert steps[-1] == done["pre"]["total_steps"]
     first_step_again = next(e for e in ev if e.get("event") == "step" and e["time"] > starts[1]["time"])
     seconds = first_step_again["time"] - preempted_at
-    print(f"\npreemption: saved step {stopped[0]['step']} {stopped[0]['time'] - preempted_at:.1f} s after the "
-          f"preemptor's submission, training again {seconds:.1f} s after it (preemptor holds the node "
-          f"{PREEMPTOR_S} s; steps redone: 0)")
+    save = next(e for e in ev if e.get("event") == "checkpoint" and e.get("reason") == "stop")
+    print(f"\npreemption: saved step {stopped[0]['step']} in {save['seconds']:.2f} s, "
+          f"{stopped[0]['time'] - preempted_at:.1f} s after the preemptor's submission; training again "
+          f"{seconds:.1f} s after it (the preemptor holds the node {PREEMPTOR_S} s); steps redone: 0")
     logs = run_cli("logs", "preempt", "pre", "--jobs", str(jobs), check=True).stdout
     assert f"job {job_id} is being preempted: requeueing it (preemption 1" in logs
     text = run_cli("status", "preempt", "--jobs", str(jobs), check=True).stdout
@@ -88,3 +89,28 @@ def test_preempted_stage_requeues_itself_and_ends_bitwise_identical(preemption: 
         want = weights(tmp_path / "checkpoints" / "reference" / name / "final.pt")
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in got), f"{name}: weights differ from the uninterrupted run"
+
+
+def test_refused_requeue_ends_as_timeout_and_says_why(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
+                                                       tmp_path: Path) -> None:
+    """A stage whose job has requeue disabled (as at sites that forbid requeue) reaches its time limit:
+    Slurm refuses the requeue ("Requested operation is presently disabled"); the job says so in its log,
+    ends as TIMEOUT with its checkpoint, and status tells the truth (timeout, child blocked, resume)."""
+    cfg = write_graph(tmp_path, tiny_dataset, "norequeue",
+                      stage("long", 16, 2, 12, 'init_from = "none"') + stage("next", 32, 2, 1),
+                      options="step_sleep = 1.5", slurm={"time": LIMIT})
+    submit(cfg)
+    jobs = slurm_jobs
+    job_id = record(jobs, "norequeue")["stages"]["long"]["submissions"][-1]["job_id"]
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], check=True, timeout=60)
+    st = wait_for(lambda: (lambda s: s if s["long"]["state"] == "timeout" and s["next"]["state"] == "blocked"
+                           and squeue_state(job_id) == "TIMEOUT" else False)(status("norequeue", jobs)),
+                  REQUEUED_STAGE, "the stage to end as TIMEOUT")
+    assert st["long"]["requeues"] == 0 and st["long"]["checkpoint"], st  # the refused requeue is not counted
+    assert st["long"]["fix"] == "progressive resume norequeue" and st["next"]["fix"] == "progressive resume norequeue"
+    logs = run_cli("logs", "norequeue", "long", "--jobs", str(jobs), check=True).stdout
+    assert f"Slurm refused to requeue job {job_id}, so this stage cannot continue by itself" in logs
+    assert "Requested operation is presently disabled" in logs and "progressive resume norequeue" in logs
+    metrics = jobs / "norequeue" / "stages" / "long" / "metrics.jsonl"
+    stopped = [e for e in events(metrics) if e.get("event") == "stopped"]
+    assert len(stopped) == 1 and st["long"]["checkpoint"].endswith(f"step_{stopped[0]['step']:08d}.pt")
