@@ -189,13 +189,15 @@ def _live_preempt_type() -> str:
     return next((ln.split("=", 1)[1].strip() for ln in out.stdout.splitlines() if ln.startswith("PreemptType")), "")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def preemption(slurm_cluster: None) -> Iterator[str]:
-    """Run a test on the cluster with preemption by partition priority (scripts/slurm-up.sh with
+    """Run a module's tests on the cluster with preemption by partition priority (scripts/slurm-up.sh with
     PROGRESSIVE_SLURM_PREEMPT=1: debug preemptible with PreemptMode=REQUEUE and GraceTime=30 s, plus a
-    high-tier partition); yields the high partition's name. The normal configuration is ALWAYS restored
-    afterwards, also when switching failed half-way or the test failed: slurm-up.sh rewrites the config it
-    owns, restarts slurmctld and slurmd (a PreemptType change needs that) and waits for the node itself."""
+    high-tier partition); yields the high partition's name. One switch in and out per module (each restarts
+    slurmctld and slurmd, ~5 s); jobs that only use debug are never preempted, so other tests of the module
+    are not disturbed. The normal configuration is ALWAYS restored afterwards, also when switching failed
+    half-way or a test failed: slurm-up.sh rewrites the config it owns, restarts the daemons (a PreemptType
+    change needs that) and waits for the node itself."""
     try:
         on = _script(str(REPO / "scripts" / "slurm-up.sh"), env={"PROGRESSIVE_SLURM_PREEMPT": "1"})
         assert on.returncode == 0, f"slurm-up.sh with preemption failed:\n{on.stdout}{on.stderr}"

@@ -91,6 +91,27 @@ def test_preempted_stage_requeues_itself_and_ends_bitwise_identical(preemption: 
         assert all(torch.equal(got[k], want[k]) for k in got), f"{name}: weights differ from the uninterrupted run"
 
 
+def test_cancel_under_preemption_stays_a_cancel(preemption: str, slurm_jobs: Path, tiny_dataset: Path,
+                                                tmp_path: Path) -> None:
+    """On the cluster with preemption, `progressive cancel` (SIGTERM, like a preemption) is told apart:
+    the job saves and ends CANCELLED; it does not requeue itself and counts no preemption."""
+    cfg = write_graph(tmp_path, tiny_dataset, "cancelled", stage("only", 16, 2, 8, 'init_from = "none"'),
+                      options="step_sleep = 0.2")
+    submit(cfg)
+    jobs = slurm_jobs
+    metrics = jobs / "cancelled" / "stages" / "only" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and any(e.get("step", 0) >= 5 for e in events(metrics)), START, "5 steps")
+    run_cli("cancel", "cancelled", "--jobs", str(jobs), check=True)
+    job_id = record(jobs, "cancelled")["stages"]["only"]["submissions"][-1]["job_id"]
+    wait_for(lambda: squeue_state(job_id) == "CANCELLED", START, "the cancelled job's processes to end")
+    st = wait_for(lambda: (lambda s: s if s["only"]["state"] == "cancelled" else False)(status("cancelled", jobs)),
+                  START, "status to show the cancel")
+    assert st["only"]["preemptions"] == 0 and st["only"]["requeues"] == 0 and st["only"]["checkpoint"], st
+    assert len([e for e in events(metrics) if e.get("event") == "start"]) == 1  # it did not come back
+    logs = run_cli("logs", "cancelled", "only", "--jobs", str(jobs), check=True).stdout
+    assert f"SIGTERM and job {job_id} is not being preempted (cancelled or requeued by Slurm): ending" in logs
+
+
 def test_refused_requeue_ends_as_timeout_and_says_why(slurm_cluster: None, slurm_jobs: Path, tiny_dataset: Path,
                                                        tmp_path: Path) -> None:
     """A stage whose job has requeue disabled (as at sites that forbid requeue) reaches its time limit:
