@@ -4,6 +4,7 @@ Layout of a stage's checkpoint folder (`StagePlan.checkpoint_dir`):
 
     step_00000120.pt   full trainer state after optimizer step 120 (the last K are kept)
     final.pt           the stage's final weights + metadata: what child stages start from
+    step_00000140.pt.corrupt   a step file found torn or corrupt at resume, moved aside (never deleted)
 
 A full-state checkpoint is a plain dict of tensors, numbers, strings, lists and dicts,
 so it loads with `torch.load(weights_only=True)` (no pickled code runs on load). Every
@@ -14,6 +15,8 @@ new one either complete or absent.
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import random
 import zipfile
@@ -31,13 +34,20 @@ from progressive.errors import CheckpointError
 from progressive.layout import FINAL_NAME, STEP_RE, step_path
 from progressive.units import now_iso
 
+# The hint of a file that does not load: what a resume does by itself with a torn step file.
+MOVE_ASIDE_HINT = "move it aside (rename it to <name>.corrupt); a stage then resumes from its newest intact step file"
+
+log = logging.getLogger("progressive.checkpoint")
+
 __all__ = [
     "FORMAT", "FINAL_NAME", "save_atomic", "load_checkpoint", "load_weights", "latest_checkpoint",
-    "step_path", "prune_checkpoints", "clean_temp_files", "is_intact", "check_fingerprint",
+    "step_path", "prune_checkpoints", "clean_temp_files", "is_intact", "corrupt_files", "torn_files", "CORRUPT_SUFFIX",
+    "check_fingerprint",
     "fingerprint_diff", "capture_rng", "restore_rng", "now_iso",
 ]
 
 FORMAT = "progressive.checkpoint/1"
+CORRUPT_SUFFIX = ".corrupt"  # step_00000140.pt -> step_00000140.pt.corrupt (then .corrupt.1, ...)
 
 
 # --------------------------------------------------------------------------- writing
@@ -57,9 +67,15 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def prune_checkpoints(stage_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step checkpoints (final.pt is never touched); returns the deleted."""
-    steps = _step_files(Path(stage_dir))
-    doomed = [p for _, p in steps[keep:]]
+    """Delete all but the newest `keep` intact step checkpoints; returns the deleted.
+
+    A torn file is neither counted toward `keep` nor deleted (the next resume moves it
+    aside), so rotation never deletes the newest intact checkpoint in favour of a torn one.
+    final.pt is never touched. The check is the cheap structural one (`is_intact`): rotation
+    runs after every save, right after a file was written atomically.
+    """
+    intact = [p for _, p in _step_files(Path(stage_dir)) if is_intact(p)]
+    doomed = intact[max(keep, 1):]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
@@ -100,24 +116,94 @@ def is_intact(path: str | Path) -> bool:
         return False
 
 
-def latest_checkpoint(stage_dir: str | Path) -> Path | None:
+def _problem(path: Path, *, full: bool) -> str | None:
+    """Why `path` cannot be resumed from (None when it can): the zip's structure, and with `full` every CRC.
+
+    torch.load does not check the CRCs: a flipped bit in a tensor loads silently as a wrong
+    weight. zipfile's testzip reads the whole file once (0.08 s for 256 MB from the page cache).
+    """
+    if not is_intact(path):
+        return "truncated or not a torch checkpoint (no zip directory or no data.pkl)"
+    if not full:
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    return f"corrupt: the CRC of its record {bad} does not match" if bad else None
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a corrupt step file to `<name>.corrupt` (never over an existing file); None if it is gone.
+
+    Another rank of the same job may have moved it first: a missing file is not an error.
+    """
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def corrupt_files(stage_dir: str | Path) -> list[Path]:
+    """The step files moved aside as corrupt (`step_*.pt.corrupt*`), by name."""
+    folder = Path(stage_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STEP_RE.match(p.name.split(CORRUPT_SUFFIX)[0])
+                  and CORRUPT_SUFFIX in p.name)
+
+
+def torn_files(stage_dir: str | Path) -> list[Path]:
+    """Step files that fail the cheap structural check (not yet moved aside), newest first."""
+    return [p for _, p in _step_files(Path(stage_dir)) if not is_intact(p)]
+
+
+def latest_checkpoint(stage_dir: str | Path, *, resuming: bool = True) -> Path | None:
     """The newest intact full-state (`step_*.pt`) checkpoint of a stage, or None if it has none.
 
-    Torn files are skipped in favour of the newest intact one. `final.pt` is not
-    considered: it holds weights only (see `StagePlan.final_checkpoint`).
+    `resuming` (the trainer, choosing where to resume): every candidate is verified in full
+    (each record's CRC) and a torn or corrupt one is moved aside to `<name>.corrupt` with a
+    warning in the stage's log, so that it is never counted toward `keep_checkpoints` and
+    never deleted. `resuming=False` (`status`, read-only): the cheap structural check only,
+    nothing moved. `final.pt` is not considered: it holds weights only.
 
     Raises:
-        CheckpointError: checkpoints exist but none of them is intact (refusing to silently
-            restart the stage from scratch).
+        CheckpointError: no intact checkpoint is left but corrupt ones exist (or were moved
+            aside earlier): refusing to silently restart the stage from scratch.
     """
-    steps = _step_files(Path(stage_dir))
-    for _, path in steps:
-        if is_intact(path):
+    folder = Path(stage_dir)
+    unmoved: list[str] = []
+    for _, path in _step_files(folder):
+        problem = _problem(path, full=resuming)
+        if problem is None:
             return path
-    if steps:
-        names = ", ".join(p.name for _, p in steps)
-        raise CheckpointError(f"every checkpoint is truncated or corrupt ({names})", loc=str(stage_dir),
-                              hint="restore one from a backup, or delete them to restart the stage from its init")
+        if not resuming:
+            unmoved.append(path.name)
+            continue
+        try:
+            moved = _move_aside(path)
+        except OSError as exc:  # e.g. a read-only folder: still never resume from it
+            log.warning("checkpoint %s is %s and could not be moved aside (%s); trying an older one",
+                        path, problem, exc)
+            unmoved.append(path.name)
+            continue
+        if moved is not None:
+            log.warning("checkpoint %s is %s: moved aside to %s (kept, not deleted); trying an older one",
+                        path, problem, moved.name)
+    names = unmoved + [p.name for p in corrupt_files(folder)]
+    if names:
+        raise CheckpointError(
+            f"every checkpoint is truncated or corrupt ({', '.join(names)})", loc=str(folder),
+            hint=f"nothing was deleted: the files are kept in {folder} (those moved aside end in {CORRUPT_SUFFIX}). "
+                 "To resume from a backup, copy an intact step_XXXXXXXX.pt into that folder; to restart the stage "
+                 "from its init, move the corrupt files out of it; then `progressive resume` the run")
     return None
 
 
@@ -131,7 +217,7 @@ def load_checkpoint(path: str | Path, *, map_location: "str | torch.device" = "c
                               hint="check the path; a parent stage writes final.pt only when it completes")
     if not is_intact(path):
         raise CheckpointError(f"the file is truncated or not a torch checkpoint ({path.stat().st_size} bytes)",
-                              loc=str(path), hint="delete it; an older checkpoint of the stage (if any) is used instead")
+                              loc=str(path), hint=MOVE_ASIDE_HINT)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -139,7 +225,7 @@ def load_checkpoint(path: str | Path, *, map_location: "str | torch.device" = "c
                               loc=str(path), hint="save plain state_dicts (tensors, numbers, strings, lists, dicts)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"the file is corrupt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                              loc=str(path), hint="delete it; an older checkpoint of the stage (if any) is used instead") from None
+                              loc=str(path), hint=MOVE_ASIDE_HINT) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"expected a dict, found a {type(obj).__name__}", loc=str(path))
     return obj

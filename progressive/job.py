@@ -6,6 +6,13 @@ the middle of an optimizer step) with a flag the trainer polls after each step: 
 the pre-timeout signal the trainer finishes its step, rank 0 saves a checkpoint, and
 rank 0 requeues the job under the same id, so the `afterok` chain holds. A restarted
 job finds that checkpoint and continues from exactly that step.
+
+SIGTERM (scancel, preemption, an administrator's requeue) also stops the trainer with
+a checkpoint. Rank 0 then asks Slurm whether the job is being preempted: if so it
+requeues the job itself, at once, and counts a preemption (not a time-out). Ending by
+itself inside GraceTime would make Slurm record FAILED and block the dependents;
+waiting for the kill at the end of GraceTime would leave the node idle that long.
+Anything else (a cancel) ends the job: a cancel stays a cancel.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from progressive import record, requeues
+from progressive.errors import SlurmError
+from progressive.plan import StagePlan
 from progressive.signals import StopFlag, signal_number
 
 log = logging.getLogger("progressive.job")
@@ -57,8 +67,9 @@ def master_port(job_id: str) -> int:
     return 20000 + base % 20000
 
 
-def _wait_for_time_limit(seconds: float) -> None:
-    """With no requeue left, let Slurm end the job at its limit so it is recorded as TIMEOUT.
+def _wait_for_time_limit(seconds: float) -> NoReturn:
+    """Let Slurm end the job itself: at its time limit (recorded TIMEOUT, when no requeue is left or
+    Slurm refused one) or at the end of a preemption's GraceTime (Slurm then applies PreemptMode).
 
     Exiting first would record FAILED (or COMPLETED, which would start the dependents on a
     stage whose final weights do not exist).
@@ -109,23 +120,64 @@ def run_stage_job(run_dir: str, stage_name: str) -> dict[str, Any]:
         # Rank 0 saved the checkpoint (the trainer waited for it) and decides about the requeue;
         # the job lives until rank 0 exits.
         sys.exit(0)
-    if flag.signum != timeout_sig:
-        # Preempted (Slurm requeues it by itself) or cancelled: end now, the checkpoint is on disk.
-        sys.exit(1)
+    job_id = str(env["job_id"])  # "ARRAY_TASK" for an array task: requeue that task only, never the whole array
     counter = rec.layout.stage(stage.name).requeues
-    # "ARRAY_TASK" for an array task: requeue that task only, never the whole array.
-    job_id = str(env["job_id"])
+    if flag.signum != timeout_sig:
+        _after_sigterm(job_id, counter)
+    _after_time_limit_signal(job_id, counter, stage, plan.run_name)
+
+
+def _after_sigterm(job_id: str, counter: Path) -> NoReturn:
+    """Rank 0, checkpoint saved after SIGTERM: requeue a preempted job ourselves; end a cancelled one."""
+    from progressive.backends import slurm
+
+    try:
+        preempted = slurm.being_preempted(job_id)
+    except SlurmError as exc:
+        log.warning("SIGTERM: could not ask Slurm whether job %s is being preempted, so ending it as a cancel "
+                    "(the checkpoint is on disk): %s", job_id, exc)
+        sys.exit(1)
+    if not preempted:
+        # scancel or `progressive cancel` (JobState CANCELLED/COMPLETING), or an administrator's requeue
+        # (Slurm already has the job back): nothing to do but end; the checkpoint is on disk.
+        log.info("SIGTERM and job %s is not being preempted (cancelled or requeued by Slurm): ending", job_id)
+        sys.exit(1)
+    n = requeues.add_preemption(counter, job_id)
+    log.info("job %s is being preempted: requeueing it (preemption %d; time-out requeues unaffected)", job_id, n)
+    try:
+        slurm.requeue(job_id)
+    except SlurmError as exc:
+        # E.g. a job with requeue disabled. Exiting now would be recorded FAILED; staying until Slurm
+        # kills it at the end of GraceTime lets Slurm record PREEMPTED and apply its PreemptMode.
+        log.warning("Slurm refused to requeue preempted job %s; waiting for Slurm to end it at the end of "
+                    "GraceTime (it then applies the partition's PreemptMode): %s", job_id, exc)
+        _wait_for_time_limit(600)
+    # Slurm has the job back in its queue under the same id. Exit non-zero, as after a time-out requeue.
+    sys.exit(1)
+
+
+def _after_time_limit_signal(job_id: str, counter: Path, stage: StagePlan, run_name: str) -> NoReturn:
+    """Rank 0, checkpoint saved after the pre-timeout signal: requeue while `max_requeues` allows."""
+    from progressive.backends import slurm
+
     used = requeues.count(counter, job_id)
     if used < stage.slurm.max_requeues:
         requeues.set_count(counter, job_id, used + 1)
-        log.info("requeueing job %s (time-out requeue %d of %d)", env["job_id"], used + 1, stage.slurm.max_requeues)
-        slurm.requeue(job_id)
+        log.info("requeueing job %s (time-out requeue %d of %d)", job_id, used + 1, stage.slurm.max_requeues)
+        try:
+            slurm.requeue(job_id)
+        except SlurmError as exc:
+            # E.g. a job submitted with --no-requeue, or a site with JobRequeue=0. Not silently: say so, keep
+            # the count true, and end as TIMEOUT at the limit (status: timeout, with the resume command).
+            requeues.set_count(counter, job_id, used)
+            log.error("Slurm refused to requeue job %s, so this stage cannot continue by itself: the job ends as "
+                      "TIMEOUT at its time limit; the checkpoint is on disk, continue with `progressive resume %s`: "
+                      "%s", job_id, run_name, exc)
+            _wait_for_time_limit(stage.slurm.signal_delay + 300)
         # Slurm has the job back in its queue under the same id; leaving now spares the requeue
         # Slurm's KillWait. Exit non-zero: should the requeue somehow not have taken, the job
         # must not count as COMPLETED (its dependents would start without final weights).
         sys.exit(1)
     log.warning("requeues used up (%d): the job ends as TIMEOUT; continue with `progressive resume %s`",
-                used, plan.run_name)
+                used, run_name)
     _wait_for_time_limit(stage.slurm.signal_delay + 300)
-    return {}  # not reached
-

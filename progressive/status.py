@@ -43,7 +43,8 @@ class StageStatus:
     checkpoint: Optional[str]
     final_checkpoint: Optional[str]
     fix: Optional[str] = None  # the command that gets it going again
-    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (trackers, offline runs to sync)
+    preemptions: int = 0  # preemptions the current job came back from (they do not count toward max_requeues)
+    notes: list[str] = field(default_factory=list)  # facts worth a line under the table (preemptions, torn files, trackers)
 
     def as_json(self) -> dict[str, Any]:
         """The `status --json` form."""
@@ -53,11 +54,12 @@ class StageStatus:
 
 
 def latest_checkpoint_file(stage: StagePlan) -> Optional[str]:
-    """The stage's newest intact full-state checkpoint, as the trainer would resume it (None if none)."""
+    """The stage's newest intact full-state checkpoint (None if none), by the cheap check and moving nothing:
+    status is read-only; the trainer verifies every CRC and moves corrupt files aside when it resumes."""
     from progressive.checkpoint import latest_checkpoint
 
     try:
-        found = latest_checkpoint(stage.checkpoint_dir)
+        found = latest_checkpoint(stage.checkpoint_dir, resuming=False)
     except CheckpointError:
         return None  # every file torn: the trainer says so when the stage runs; status shows none
     return str(found) if found else None
@@ -98,6 +100,7 @@ def stage_status(rec: RunRecord, st: StagePlan, info: JobInfo | None) -> StageSt
         step = total if total is not None else step
     fix = f"progressive resume {rec.run_name}" if state in RESUMABLE and state is not S.NOT_SUBMITTED else None
     reason = info.reason if info else ""
+    preempted = requeues.preemptions(rec.layout.stage(st.name).requeues, srec.job_id)
     if state is S.BLOCKED:
         reason = "its parent did not complete (Slurm: DependencyNeverSatisfied)"
     return StageStatus(
@@ -105,19 +108,46 @@ def stage_status(rec: RunRecord, st: StagePlan, info: JobInfo | None) -> StageSt
         requeues=requeues.count(rec.layout.stage(st.name).requeues, srec.job_id), step=step, total_steps=total,
         epoch=metrics.get("epoch"), loss=metrics.get("loss"), elapsed=info.elapsed if info else "",
         eta_s=eta, checkpoint=latest_checkpoint_file(st), final_checkpoint=st.final_checkpoint if complete else None,
-        fix=fix, notes=tracking_notes(rec, st),
+        fix=fix, preemptions=preempted, notes=_notes(rec, st, state, preempted),
     )
 
 
-def tracking_notes(rec: RunRecord, st: StagePlan) -> list[str]:
+def _notes(rec: RunRecord, st: StagePlan, state: StageState, preempted: int) -> list[str]:
+    """Lines `status` shows under its table for this stage."""
+    notes = []
+    if preempted:
+        now = "; it is waiting to run again" if state is S.PENDING else ""
+        notes.append(f"{st.name} was preempted {preempted} time(s) and requeued itself (time-out requeues "
+                     f"unaffected){now}")
+    return notes + _checkpoint_notes(st) + _tracking_notes(rec, st)
+
+
+def _tracking_notes(rec: RunRecord, st: StagePlan) -> list[str]:
     """What went wrong with a tracker in this stage's jobs, and its W&B offline runs not yet uploaded."""
     from progressive.tracking import files
 
     stage_dir = Path(st.metrics_path).parent
-    notes = [f"tracking: {n}" for n in files.read_notes(stage_dir)]
+    notes = [f"{st.name}: tracking: {n}" for n in files.read_notes(stage_dir)]
     waiting = files.unsynced_runs(stage_dir)
     if waiting:
-        notes.append(f"{len(waiting)} W&B offline run(s) not synced yet: progressive sync {rec.run_name}")
+        notes.append(f"{st.name}: {len(waiting)} W&B offline run(s) not synced yet: progressive sync {rec.run_name}")
+    return notes
+
+
+def _checkpoint_notes(st: StagePlan) -> list[str]:
+    """Corrupt checkpoints of the stage: moved aside at a resume, or torn and still waiting for one."""
+    from progressive.checkpoint import corrupt_files, torn_files
+
+    folder = Path(st.checkpoint_dir)
+    notes = []
+    aside = corrupt_files(folder)
+    if aside:
+        notes.append(f"{st.name}: {len(aside)} corrupt checkpoint(s) moved aside (kept, not deleted) in {folder}: "
+                     + ", ".join(p.name for p in aside))
+    torn = [p.name for p in torn_files(folder)]
+    if torn:
+        notes.append(f"{st.name}: torn checkpoint(s) {', '.join(torn)} in {folder}: the stage resumes from an "
+                     "older one and moves them aside")
     return notes
 
 

@@ -217,7 +217,8 @@ class TrainParts:
         if (self.sampler.epoch, self.sampler.start) != position:
             raise CheckpointError(f"the sampler stands at epoch {self.sampler.epoch}, sample {self.sampler.start} "
                                   f"but step {ck.step} is at epoch {position[0]}, sample {position[1]}",
-                                  loc=str(path), hint="the file is inconsistent: delete it to resume from an older one")
+                                  loc=str(path), hint="the file is inconsistent: move it aside (rename it to "
+                                                      "<name>.corrupt) to resume from an older one")
 
 
 def init_weights(model: torch.nn.Module, ref: InitFrom, loc: str) -> None:

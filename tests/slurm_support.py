@@ -152,9 +152,10 @@ def slurm_jobs(tmp_path: Path) -> Iterator[Path]:
     assert not anomalies, "Slurm killed or refused a job of this test:\n" + "\n".join(anomalies)
 
 
-def _script(*args: str) -> subprocess.CompletedProcess[str]:
+def _script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # Each restart of slurmctld/slurmd waits up to PROGRESSIVE_SLURM_TIMEOUT (60 s) per daemon: slow on a loaded machine.
-    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env} if env else None)
 
 
 @pytest.fixture
@@ -172,6 +173,42 @@ def accounting_off(slurm_cluster: None) -> Iterator[None]:
             up = _script(str(REPO / "scripts" / "slurm-up.sh"))
             assert up.returncode == 0, (f"accounting could not be turned back on:\n{on.stdout}{on.stderr}\n"
                                         f"slurm-up.sh:\n{up.stdout}{up.stderr}")
+
+
+PREEMPTING_PARTITION = "high"  # scripts/slurm-up.sh with PROGRESSIVE_SLURM_PREEMPT=1
+
+
+def partitions() -> list[str]:
+    """The cluster's partitions as slurmctld has them now (sinfo; the default one has no '*' here)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=20)
+    return sorted(out.stdout.split())
+
+
+def _live_preempt_type() -> str:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
+    return next((ln.split("=", 1)[1].strip() for ln in out.stdout.splitlines() if ln.startswith("PreemptType")), "")
+
+
+@pytest.fixture(scope="module")
+def preemption(slurm_cluster: None) -> Iterator[str]:
+    """Run a module's tests on the cluster with preemption by partition priority (scripts/slurm-up.sh with
+    PROGRESSIVE_SLURM_PREEMPT=1: debug preemptible with PreemptMode=REQUEUE and GraceTime=30 s, plus a
+    high-tier partition); yields the high partition's name. One switch in and out per module (each restarts
+    slurmctld and slurmd, ~5 s); jobs that only use debug are never preempted, so other tests of the module
+    are not disturbed. The normal configuration is ALWAYS restored afterwards, also when switching failed
+    half-way or a test failed: slurm-up.sh rewrites the config it owns, restarts the daemons (a PreemptType
+    change needs that) and waits for the node itself."""
+    try:
+        on = _script(str(REPO / "scripts" / "slurm-up.sh"), env={"PROGRESSIVE_SLURM_PREEMPT": "1"})
+        assert on.returncode == 0, f"slurm-up.sh with preemption failed:\n{on.stdout}{on.stderr}"
+        wait_for(lambda: PREEMPTING_PARTITION in partitions() and _live_preempt_type() == "preempt/partition_prio",
+                 60, "slurmctld to run with preemption by partition priority")
+        yield PREEMPTING_PARTITION
+    finally:
+        off = _script(str(REPO / "scripts" / "slurm-up.sh"), env={"PROGRESSIVE_SLURM_PREEMPT": "0"})
+        assert off.returncode == 0, f"slurm-up.sh could not restore the normal configuration:\n{off.stdout}{off.stderr}"
+        wait_for(lambda: partitions() == ["debug"] and _live_preempt_type() == "preempt/none", 60,
+                 "slurmctld to run with the normal configuration again")
 
 
 # ---------------------------------------------------------------- the 2-node cluster

@@ -56,7 +56,7 @@ def test_truncated_file_is_refused_and_skipped(tmp_path: Path) -> None:
     newest.write_bytes(data[: len(data) // 2])  # e.g. a copy cut short
     with pytest.raises(CheckpointError, match="truncated") as err:
         ck.load_checkpoint(newest)
-    assert str(newest) in str(err.value) and "delete it" in str(err.value)
+    assert str(newest) in str(err.value) and "move it aside (rename it to <name>.corrupt)" in str(err.value)
     assert ck.latest_checkpoint(tmp_path) == ck.step_path(tmp_path, 1)
     ck.step_path(tmp_path, 1).write_bytes(b"")
     with pytest.raises(CheckpointError, match="every checkpoint is truncated or corrupt"):
@@ -133,3 +133,81 @@ def test_rng_capture_restore_round_trip_through_a_weights_only_file(tmp_path: Pa
     got = (random.random(), np.random.rand(), torch.rand(3), torch.rand(2, generator=gen), np.random.randn())
     assert got[0] == expected[0] and got[1] == expected[1] and got[4] == expected[4]
     assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+
+
+# --------------------------------------------------------------------------- corrupt files: moved aside, never deleted
+
+
+def flip_a_tensor_byte(path: Path) -> bytes:
+    """A bad block inside the largest tensor record: the zip directory stays intact and torch.load would load
+    the wrong value silently. Returns the damaged file's bytes."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+def test_corrupt_newest_is_moved_aside_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for step in (1, 2, 3):
+        ck.save_atomic(state(step), ck.step_path(tmp_path, step))
+    flip_a_tensor_byte(ck.step_path(tmp_path, 3))
+    ck.step_path(tmp_path, 2).write_bytes(ck.step_path(tmp_path, 2).read_bytes()[:300])  # cut short
+    before = ck.step_path(tmp_path, 3).read_bytes()
+    assert ck.latest_checkpoint(tmp_path, resuming=False) == ck.step_path(tmp_path, 3)  # status: cheap check only
+    assert ck.torn_files(tmp_path) == [ck.step_path(tmp_path, 2)]
+    with caplog.at_level("WARNING", "progressive.checkpoint"):
+        assert ck.latest_checkpoint(tmp_path) == ck.step_path(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000001.pt", "step_00000002.pt.corrupt", "step_00000003.pt.corrupt"]
+    assert (tmp_path / "step_00000003.pt.corrupt").read_bytes() == before  # moved, not changed or deleted
+    assert "step_00000003.pt is corrupt: the CRC of its record" in caplog.text
+    assert "moved aside to step_00000003.pt.corrupt (kept, not deleted)" in caplog.text
+    assert "step_00000002.pt is truncated" in caplog.text
+    assert [p.name for p in ck.corrupt_files(tmp_path)] == ["step_00000002.pt.corrupt", "step_00000003.pt.corrupt"]
+
+
+def test_moving_aside_never_overwrites_an_earlier_corrupt_file(tmp_path: Path) -> None:
+    ck.save_atomic(state(1), ck.step_path(tmp_path, 1))
+    (tmp_path / "step_00000002.pt.corrupt").write_bytes(b"the first torn copy")
+    ck.step_path(tmp_path, 2).write_bytes(b"the second torn copy")
+    assert ck.latest_checkpoint(tmp_path) == ck.step_path(tmp_path, 1)
+    assert (tmp_path / "step_00000002.pt.corrupt").read_bytes() == b"the first torn copy"
+    assert (tmp_path / "step_00000002.pt.corrupt.1").read_bytes() == b"the second torn copy"
+
+
+def test_every_checkpoint_corrupt_says_where_they_are_and_how_to_restart(tmp_path: Path) -> None:
+    for step in (1, 2):
+        ck.save_atomic(state(step), ck.step_path(tmp_path, step))
+        flip_a_tensor_byte(ck.step_path(tmp_path, step))
+    for _ in range(2):  # and again at the next resume: the stage never restarts from scratch silently
+        with pytest.raises(CheckpointError) as err:
+            ck.latest_checkpoint(tmp_path)
+        text = str(err.value)
+        assert "every checkpoint is truncated or corrupt (step_00000001.pt.corrupt, step_00000002.pt.corrupt)" in text
+        assert f"nothing was deleted: the files are kept in {tmp_path} (those moved aside end in .corrupt)" in text
+        assert "copy an intact step_XXXXXXXX.pt into that folder" in text
+        assert "to restart the stage from its init, move the corrupt files out of it" in text
+        assert "progressive resume" in text
+    assert len(list(tmp_path.iterdir())) == 2  # both kept
+    for p in ck.corrupt_files(tmp_path):
+        p.rename(tmp_path.parent / p.name)
+    assert ck.latest_checkpoint(tmp_path) is None  # the user moved them out: restart from the init
+
+
+def test_rotation_keeps_the_newest_intact_and_leaves_torn_files_alone(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        ck.save_atomic(state(step), ck.step_path(tmp_path, step))
+    torn = ck.step_path(tmp_path, 4)
+    torn.write_bytes(ck.step_path(tmp_path, 3).read_bytes()[:500])  # newer than every intact one
+    deleted = ck.prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in deleted) == ["step_00000001.pt", "step_00000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003.pt", "step_00000004.pt"]  # torn not counted
+    assert ck.latest_checkpoint(tmp_path) == ck.step_path(tmp_path, 3)
+    assert ck.prune_checkpoints(tmp_path, 1) == []  # the moved-aside file is no step checkpoint: kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003.pt", "step_00000004.pt.corrupt"]

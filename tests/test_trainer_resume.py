@@ -11,6 +11,7 @@ from progressive.checkpoint import latest_checkpoint
 from progressive.errors import CheckpointError, ConfigError
 from progressive.metrics import read_metrics
 from progressive.trainer import train_stage
+from tests.test_checkpoint import flip_a_tensor_byte
 from tests.test_trainer_support import (
     Crash,
     StopAfter,
@@ -86,6 +87,24 @@ def test_killed_without_warning_resumes_from_periodic_checkpoint(data: Path, tmp
     assert out.status == "completed"
     assert_same_weights(final_weights(out.checkpoint), reference)
     assert sorted(p.name for p in Path(stage.checkpoint_dir).glob("*.pt")) == ["final.pt", "step_00000009.pt"]
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_resume_is_bitwise(
+        data: Path, tmp_path: Path, reference: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture) -> None:
+    """A bad block in the newest checkpoint (its zip directory intact: torch.load alone would load wrong
+    weights): resume moves it aside with a warning, starts from the older one, and ends bitwise identical."""
+    plan = make_plan(tmp_path, data, STAGE, train=TRAIN)
+    stage = plan.stages[0]
+    for stop_at_poll in (2, 2):
+        train_stage(plan, stage, stop_requested=StopAfter(stop_at_poll))
+    raw = flip_a_tensor_byte(Path(stage.checkpoint_dir) / "step_00000004.pt")
+    with caplog.at_level("WARNING", "progressive.checkpoint"):
+        out = train_stage(plan, stage)
+    assert out.status == "completed" and out.resumed_from and out.resumed_from.endswith("step_00000002.pt")
+    assert_same_weights(final_weights(out.checkpoint), reference)
+    assert "step_00000004.pt is corrupt" in caplog.text and "moved aside to step_00000004.pt.corrupt" in caplog.text
+    assert (Path(stage.checkpoint_dir) / "step_00000004.pt.corrupt").read_bytes() == raw  # kept as it was
+    assert step_events(stage.metrics_path) == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9]  # the 2 steps of the lost file, redone
 
 
 def test_completed_stage_is_not_trained_again(data: Path, tmp_path: Path) -> None:

@@ -218,6 +218,19 @@ def requeue(job_id: str) -> None:
     run(["scontrol", "requeue", job_id], timeout=60)
 
 
+def being_preempted(job_id: str) -> bool:
+    """True while Slurm is preempting this running job (inside the partition's GraceTime).
+
+    Measured on Slurm 22.05: a job being preempted shows `JobState=RUNNING` with a
+    `PreemptTime`; after `scancel` it shows `JobState=COMPLETING` (or CANCELLED) with
+    `PreemptTime=None`; an administrator's `scontrol requeue` also leaves it COMPLETING.
+    So this tells a preemption from a cancel without any marker of our own.
+    Raises SlurmError (with Slurm's words) when scontrol does not answer.
+    """
+    fields = _parse_fields(run(["scontrol", "show", "job", "-o", job_id], timeout=20))
+    return fields.get("JobState") == "RUNNING" and fields.get("PreemptTime", "None") not in ("None", "", "Unknown")
+
+
 def query(job_ids: Sequence[str]) -> dict[str, JobInfo]:
     """States of these jobs: sacct first, squeue/scontrol where accounting is off or lagging."""
     ids = [j for j in job_ids if j]
@@ -265,6 +278,11 @@ def _scontrol_fields(job_id: str) -> dict[str, str]:
         out = run(["scontrol", "show", "job", "-o", job_id], timeout=20)
     except SlurmError:
         return {}
+    return _parse_fields(out)
+
+
+def _parse_fields(out: str) -> dict[str, str]:
+    """`Key=Value` tokens of `scontrol show job -o` (the first of a repeated key wins)."""
     fields: dict[str, str] = {}
     for tok in out.split():
         if "=" in tok:

@@ -296,16 +296,13 @@ def _show_status(rec: Any, statuses: list[Any], *, wide: bool = False) -> None:
     print_table(STATUS_COLUMNS, rows, title=f"run {rec.run_name} ({rec.mode})", wide=wide)
     con = console()
     for s in statuses:
+        for note in s.notes:
+            con.print(note, markup=False, soft_wrap=True)
         if s.state is S.BLOCKED:
             con.print(f"[red]{s.name} is blocked[/]: {s.reason}. Fix: [bold]{s.fix}[/]")
         elif s.fix:
             con.print(f"{s.name} is {s.state}{': ' + s.reason if s.reason and s.reason != 'None' else ''}. "
                       f"Continue with: [bold]{s.fix}[/]")
-    from rich.markup import escape
-
-    for s in statuses:
-        for note in s.notes:
-            con.print(f"[yellow]{s.name}: {escape(note)}[/]", soft_wrap=True)
 
 
 # ------------------------------------------------------------------ resume, cancel, logs
