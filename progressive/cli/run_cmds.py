@@ -388,7 +388,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not existing:
         which = "stderr" if args.err else "output"
         raise RunError(f"stage {stage!r} has no {which}{'' if args.task is None else f' of task {args.task}'} yet",
-                       loc=str(rec.run_dir), hint=f"check `progressive status {rec.run_name}`: the job may still be "
+                       loc=str(rec.run_dir), hint=f"check `progressive status {run_ref(rec)}`: the job may still be "
                                                   "pending" + ("" if args.task in (0, None) else
                                                                ", or the job has fewer tasks (try --task all)"))
     import sys

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from progressive import record
-from progressive.layout import STAGES_DIR, is_complete
+from progressive.layout import STAGES_DIR, WORKER_LOG, is_complete
 from progressive.signals import INTERRUPT_SIGNALS
 from progressive.sweep import record as srecord
 from progressive.sweep.record import SweepRecord
@@ -40,7 +40,7 @@ class _Runner:
             return "stopped"
         self.on_event(variant, stage, "start")
         cmd = [sys.executable, "-m", "progressive.sweep.task", "local", str(self.rec.run_dir(variant)), stage]
-        log = self.rec.run_dir(variant) / STAGES_DIR / stage / "worker.log"
+        log = self.rec.run_dir(variant) / STAGES_DIR / stage / WORKER_LOG
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             # Own session: Ctrl-C reaches the runner only, which forwards SIGTERM to each worker once.
