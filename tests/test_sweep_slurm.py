@@ -130,6 +130,14 @@ def test_prune_job_stops_half_after_the_first_stage(slurm_cluster: None, tiny_da
         assert row["state"] == "pruned" and float(row["s16.learned_iters"]) == metric and row["s32.learned_iters"] == ""
     kept_metrics = [float(summary(jobs, "halve")[n]["s16.learned_iters"]) for n in decision["kept"]]
     assert max(kept_metrics) <= min(decision["pruned"].values())
+    # `logs VARIANT STAGE --jobs jobs/<sweep>` prints that variant's array task file, as sbatch wrote it.
+    kept = decision["kept"][0]
+    out = run_cli("logs", kept, "s32", "--jobs", str(jobs / "halve"), check=True).stdout
+    assert out == (jobs / "halve" / "slurm" / f"{a1['job_id']}_{int(kept[1:])}.out").read_text()
+    assert "stage s32: starting" in out and "stage s32: completed" in out, out
+    pruned = next(iter(decision["pruned"]))
+    first = run_cli("logs", pruned, "s16", "--jobs", str(jobs / "halve"), check=True).stdout
+    assert "stage s16: completed" in first and "stage s32" not in first, first
 
 
 def test_sbatch_refusal_leaves_nothing(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:
