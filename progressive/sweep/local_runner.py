@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from progressive import record
+from progressive.backends.local import this_runner
+from progressive.record import Runner
 from progressive.layout import STAGES_DIR, WORKER_LOG, is_complete
 from progressive.signals import INTERRUPT_SIGNALS
 from progressive.sweep import record as srecord
@@ -75,6 +77,22 @@ def _todo(rec: SweepRecord, variant: str) -> list[str]:
 
 def run_local_sweep(rec: SweepRecord, on_event: Optional[Event] = None) -> bool:
     """Run every unfinished, unpruned variant; write summary.csv and best/; True if nothing was interrupted."""
+    _record_runner(rec, this_runner())
+    try:
+        return _run(rec, on_event)
+    finally:
+        _record_runner(rec, None)
+
+
+def _record_runner(rec: SweepRecord, runner: Optional[Runner]) -> None:
+    """Write (or clear) the process running the sweep into its record."""
+    with record.locked(rec.sweep_dir):
+        fresh = srecord.load(rec.sweep_dir)
+        fresh.runner = runner
+        srecord.save(fresh)
+
+
+def _run(rec: SweepRecord, on_event: Optional[Event]) -> bool:
     from progressive.sweep.summary import write_outputs
 
     runner = _Runner(rec, on_event)

@@ -161,6 +161,19 @@ def rows(rec: SweepRecord) -> list[VariantRow]:
     return out
 
 
+def ended(rec: SweepRecord, table: list[VariantRow]) -> bool:
+    """Whether nothing more happens to the sweep by itself: every variant in a final state and, for a
+    local sweep, the process running it gone (between two stages a variant looks not started)."""
+    from progressive.backends.local import runner_alive
+    from progressive.states import FINAL
+
+    final = {s.value for s in FINAL}
+    if any(r.state not in final for r in table):
+        return False
+    # On another host (None) it cannot be checked from here: it counts as running.
+    return rec.mode != "local" or rec.runner is None or runner_alive(rec.runner) is False
+
+
 def best(rec: SweepRecord, table: list[VariantRow]) -> Optional[VariantRow]:
     """The completed variant with the best final metric (ties: the first by name)."""
     done = [r for r in table if r.final_metric is not None]
