@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from progressive.layout import RunLayout
-from tests.util import run_cli
+from tests.util import fake_slurm_sweep, run_cli
 
 
 def test_task_logs_are_found_from_the_log_files_and_sorted_numerically(tmp_path: Path) -> None:
@@ -30,28 +32,14 @@ def test_bad_task_is_refused_with_a_message(tmp_path: Path) -> None:
         assert f"argument --task: expected a task number (0, 1, ...) or 'all', got '{bad}'" in proc.stderr
 
 
-def test_a_slurm_sweep_variants_logs_are_its_array_tasks_files(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_slurm_sweep_variants_logs_are_its_array_tasks_files(tiny_dataset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A sweep submitted as arrays (sbatch faked, the records real): `logs VARIANT STAGE --jobs jobs/<sweep>`
     prints jobs/<sweep>/slurm/<array>_<task>.out, the file the array's sbatch script names."""
-    import progressive.backends.slurm as slurm_backend
     from progressive import record
-    from progressive.cli import main
     from progressive.record import Submission
-    from progressive.sweep import slurm_array
 
-    ids = iter(["500", "501", "502", "503"])
-    monkeypatch.setattr(slurm_backend, "slurm_available", lambda: True)
-    monkeypatch.setattr(slurm_array, "sbatch", lambda script, dep: next(ids))
-    monkeypatch.setattr(slurm_array, "queued_arrays", lambda: set())
-    (tmp_path / "stages.toml").write_text(
-        f'[run]\nname = "g"\ndata = "{tiny_dataset}"\n[slurm]\ntime = "5m"\n'
-        '[[stage]]\nname = "s16"\nbucket = 16\nbatch_size = 4\nepochs = 1\ninit_from = "none"\n'
-        '[[stage]]\nname = "s32"\nbucket = 32\nbatch_size = 4\nepochs = 1\n')
-    (tmp_path / "sweep.toml").write_text('[sweep]\nname = "sw"\nmetric = "learned_iters"\n'
-                                         '[sweep.params]\n"train.lr" = [1e-3, 3e-3]\n')
-    monkeypatch.chdir(tmp_path)
-    assert main(["sweep", "submit"]) == 0
-    sweep_dir = tmp_path / "jobs" / "sw"
+    sweep_dir = fake_slurm_sweep(tmp_path, tiny_dataset, monkeypatch)
     script = (sweep_dir / "slurm" / "a0.sbatch").read_text()
     assert f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out" in script
     logs = sweep_dir / "slurm"

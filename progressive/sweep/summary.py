@@ -77,9 +77,12 @@ def stage_states(rec: SweepRecord, runs: dict[str, RunRecord] | None = None) -> 
             if v.pruned_after and not is_complete(st.final_checkpoint):
                 state = "pruned"
             elif rec.mode == "slurm" and job and info is None and "_" in job \
-                    and any(k.startswith(job.split("_")[0] + "_") for k in infos):
+                    and any(k.startswith(job.split("_")[0] + "_") for k in infos) \
+                    and not is_complete(st.final_checkpoint):
                 # Slurm keeps no record of a pending array task cancelled before it was split off
-                # from its array; if Slurm knows the array but not the task, the task never ran.
+                # from its array; if Slurm knows the array but not the task, the task never ran. A task
+                # that has just ended may be missing too (gone from squeue, not yet in sacct): its final
+                # weights say it completed.
                 state = "cancelled"
             else:
                 state = stage_state(run, st, info).value  # the one reading of a stage's state, as `status`
