@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,19 @@ def test_prune_job_stops_half_after_the_first_stage(slurm_cluster: None, tiny_da
     proc = run_cli("sweep", "submit", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = tmp_path / "jobs"
+    # `sweep status --watch`, piped, from submit on: it must end by itself once every variant is final.
+    watched = tmp_path / "watch.out"
+    with watched.open("w") as out:
+        watch = subprocess.Popen([sys.executable, "-m", "progressive", "sweep", "status", "halve", "--jobs", str(jobs),
+                                  "--watch", "2"], stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **ENV, "COLUMNS": "200"})
     st = wait_for(lambda: settled("halve", jobs), 600, "the pruned sweep to settle")
+    assert watch.wait(timeout=60) == 0, watched.read_text()
+    tables = watched.read_text().split("sweep halve (slurm, grid): learned_iters, min is best")[1:]
+    assert len(tables) >= 2 and "\x1b" not in watched.read_text()
+    assert "pending" in tables[0] or "running" in tables[0], tables[0]
+    last = sorted(line.split("│")[3].strip() for line in tables[-1].splitlines() if line.startswith("│ v"))
+    assert last == ["completed", "completed", "pruned", "pruned"], tables[-1]
     rec = json.loads((jobs / "halve" / "sweep.json").read_text())
     decision = rec["prunes"][0]
     assert decision["decided"] and decision["job_id"] and len(decision["kept"]) == 2 and len(decision["pruned"]) == 2
