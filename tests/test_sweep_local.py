@@ -168,8 +168,11 @@ def test_local_resume_finishes_failed_variants_without_rerunning_complete_stages
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = summary(tmp_path, "f")
     assert [r["state"] for r in rows] == ["failed", "failed"] and all(r["s16.learned_iters"] for r in rows)
-    # `logs VARIANT STAGE --jobs jobs/<sweep>` shows the variant's worker output, the failure's traceback too.
-    logs = run_cli("logs", "v001", "s32", "--jobs", str(tmp_path / "jobs" / "f"), check=True).stdout
+    # The status table points at each failed variant's log: `logs VARIANT STAGE --jobs jobs/<sweep>` shows
+    # the variant's worker output, the failure's traceback too.
+    assert "v000 failed in s32; its log: progressive logs v000 s32 --jobs jobs/f\n" in proc.stdout, proc.stdout
+    assert "v001 failed in s32; its log: progressive logs v001 s32 --jobs jobs/f\n" in proc.stdout
+    logs = run_cli("logs", "v001", "s32", "--jobs", "jobs/f", cwd=tmp_path, check=True).stdout
     assert "stage s32: starting" in logs and f"RuntimeError: injected failure: {tmp_path}/fail-32 exists" in logs, logs
     assert "stage s16" not in logs
     s16 = tmp_path / "checkpoints" / "f" / "v000" / "s16" / "final.pt"

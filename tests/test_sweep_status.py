@@ -65,3 +65,27 @@ def test_watch_of_an_ended_slurm_sweep_prints_one_table_and_exits(
     assert proc.stdout.count("sweep sw (slurm, grid): learned_iters, min is best") == 1
     assert [line.split("│")[3].strip() for line in proc.stdout.splitlines() if line.startswith("│ v")] == \
         ["completed", "completed"]
+
+
+def test_a_local_sweep_ends_when_its_runner_is_gone(tmp_path: Path) -> None:
+    """Between two stages every variant may look final (not started, completed); the runner decides."""
+    import subprocess
+    import sys
+
+    from progressive.backends.local import this_runner
+    from progressive.sweep.record import SweepRecord, VariantRecord
+    from progressive.sweep.summary import VariantRow, ended
+
+    rec = SweepRecord(name="l", mode="local", method="grid", metric="m", goal="min", parallel=1, created_at="",
+                      updated_at="", sweep_dir=str(tmp_path), config_path="", sweep_path="", sweep_text="",
+                      variants=[VariantRecord(name="v000", index=0, params={}, stages=["a", "b"])])
+    between = [VariantRow("v000", {}, "not started", {"a": "completed", "b": "not started"}, {}, None, 0.0, 0.0, 0.0)]
+    running = [VariantRow("v000", {}, "running", {"a": "completed", "b": "running"}, {}, None, 0.0, 0.0, 0.0)]
+    rec.runner = this_runner()
+    assert not ended(rec, between) and not ended(rec, running)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    rec.runner = this_runner().model_copy(update={"pid": gone.pid, "start_ticks": None})
+    assert ended(rec, between) and not ended(rec, running)  # killed without a word: nothing will start b
+    rec.runner = None
+    assert ended(rec, between)

@@ -306,6 +306,11 @@ def _show_status(rec: Any, table: Any = None, *, wide: bool = False, con: Any = 
                     *cells, f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}"])
     print_table(cols, out, title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best",
                 wide=wide, con=con)
+    for r in table:  # where to look first: the stage that failed (or ran out of time) and its output
+        stage = next((s for s, state in r.stages.items() if state in ("failed", "timeout")), None)
+        if stage is not None:
+            con.print(f"{r.name} {r.stages[stage]} in {stage}; its log: progressive logs {r.name} {stage} "
+                      f"--jobs {rel(rec.sweep_dir)}", markup=False, soft_wrap=True)
     if top is not None:
         con.print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
 
