@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 from progressive import record
 from progressive.backends.local import this_runner
-from progressive.record import Runner
 from progressive.layout import STAGES_DIR, WORKER_LOG, is_complete
+from progressive.record import Runner
 from progressive.signals import INTERRUPT_SIGNALS
 from progressive.sweep import record as srecord
 from progressive.sweep.record import SweepRecord
