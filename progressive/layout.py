@@ -7,10 +7,14 @@
     <jobs>/<run>/stages/<stage>/metrics.jsonl  one line per optimizer step, and events
     <jobs>/<run>/stages/<stage>/requeues.json  time-out requeues used by the stage's current job
     <jobs>/<run>/stages/<stage>/local.log      local mode's log
+    <jobs>/<run>/stages/<stage>/worker.log     a local sweep's worker process: all its output, tracebacks too
     <jobs>/<run>/stages/<stage>/tensorboard/   optional TensorBoard events
     <jobs>/<run>/report/                       `progressive report`: index.md, figures, transfer.json
     <jobs>/<run>/calibration.json              `progressive calibrate`'s measurements, one entry per stage
     <jobs>/<run>/calibration/<jobid>/          submitit's files of the calibration jobs
+    <jobs>/<sweep>/<variant>/                  a sweep's variant: a run like any other, but its Slurm output is
+    <jobs>/<sweep>/slurm/<array>_<task>.out    its array task's file (.err beside it): every DDP rank and
+                                               every requeue of the task appended to the one file
     <checkpoints>/<run>/<stage>/step_<N>.pt    full trainer state after optimizer step N
     <checkpoints>/<run>/<stage>/final.pt       final weights: a stage is complete once it exists
 
@@ -32,6 +36,9 @@ STAGES_DIR = "stages"
 METRICS_FILE = "metrics.jsonl"
 REQUEUES_FILE = "requeues.json"
 LOCAL_LOG = "local.log"
+WORKER_LOG = "worker.log"
+SWEEP_SLURM_DIR = "slurm"
+ARRAY_TASK_LOG = "%A_%a"  # sbatch's file name pattern: <array job id>_<task id>
 TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"
 CALIBRATION_FILE = "calibration.json"
@@ -71,6 +78,11 @@ class StageLayout:
     def local_log(self) -> Path:
         """Local mode's log of the stage (what `progressive logs` shows)."""
         return self.dir / LOCAL_LOG
+
+    @property
+    def worker_log(self) -> Path:
+        """A local sweep's worker process of the stage: its stdout and stderr (what `progressive logs` shows)."""
+        return self.dir / WORKER_LOG
 
     @property
     def tensorboard(self) -> Path:
@@ -158,6 +170,17 @@ class RunLayout:
     def stage(self, name: str) -> StageLayout:
         """The files of stage `name`."""
         return StageLayout(self.run_dir / STAGES_DIR / name, self.checkpoint_root / name)
+
+
+def is_array_task(job_id: str) -> bool:
+    """Whether a job id names a task of a Slurm array ("123_4", as a sweep records it), not a plain job."""
+    array, sep, task = job_id.partition("_")
+    return bool(sep) and array.isdigit() and task.isdigit()
+
+
+def array_task_log(sweep_dir: str | Path, job_id: str, *, err: bool = False) -> Path:
+    """The stdout (or stderr) of array task `job_id` ("ARRAY_TASK") of the sweep in `sweep_dir`."""
+    return Path(sweep_dir) / SWEEP_SLURM_DIR / f"{job_id}.{'err' if err else 'out'}"
 
 
 def record_path(run_dir: str | Path) -> Path:

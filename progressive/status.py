@@ -15,7 +15,7 @@ from typing import Any, Optional
 from progressive import requeues
 from progressive.backends import Backend, JobInfo, get_backend
 from progressive.errors import CheckpointError, RunError
-from progressive.layout import is_complete
+from progressive.layout import array_task_log, is_array_task, is_complete
 from progressive.metrics import last_step_metrics
 from progressive.plan import StagePlan
 from progressive.record import RunRecord
@@ -163,7 +163,10 @@ def log_files(rec: RunRecord, stage: str, task: int | None = 0) -> LogFiles:
     """The stage's log files: local.log in local mode; each Slurm job's task logs otherwise.
 
     `task` is the Slurm task (the DDP rank) whose files to list; None lists every task's
-    file that exists, task by task within each job.
+    file that exists, task by task within each job. A sweep's variant (its run folder is
+    <jobs>/<sweep>/<variant>) differs: locally its worker's whole output (worker.log, with any
+    traceback) is shown; on Slurm each array task writes one file for all its ranks and requeues,
+    under <jobs>/<sweep>/slurm/, so there is no other task's file to pick.
     """
     if stage not in rec.plan.names:
         raise RunError(f"no stage named {stage!r} in run {rec.run_name!r}", loc="STAGE",
@@ -171,10 +174,18 @@ def log_files(rec: RunRecord, stage: str, task: int | None = 0) -> LogFiles:
     out = LogFiles()
     layout = rec.layout
     if rec.mode == "local":
-        out.stdout.append(layout.stage(stage).local_log)
+        worker = layout.stage(stage).worker_log
+        out.stdout.append(worker if worker.is_file() else layout.stage(stage).local_log)
         return out
     for sub in rec.stage_record(stage).submissions:
-        if task is not None:
+        if is_array_task(sub.job_id):
+            if task not in (0, None):
+                raise RunError(f"job {sub.job_id} is a sweep's array task: all its tasks (DDP ranks) write to one file, "
+                               f"{array_task_log(layout.run_dir.parent, sub.job_id)}", loc="--task",
+                               hint=f"leave out --task {task}: its ranks' lines are in that file")
+            out.stdout.append(array_task_log(layout.run_dir.parent, sub.job_id))
+            out.stderr.append(array_task_log(layout.run_dir.parent, sub.job_id, err=True))
+        elif task is not None:
             out.stdout.append(layout.job_log(sub.job_id, task))
             out.stderr.append(layout.job_log(sub.job_id, task, err=True))
         else:

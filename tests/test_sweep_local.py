@@ -168,6 +168,13 @@ def test_local_resume_finishes_failed_variants_without_rerunning_complete_stages
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = summary(tmp_path, "f")
     assert [r["state"] for r in rows] == ["failed", "failed"] and all(r["s16.learned_iters"] for r in rows)
+    # The status table points at each failed variant's log: `logs VARIANT STAGE --jobs jobs/<sweep>` shows
+    # the variant's worker output, the failure's traceback too.
+    assert "v000 failed in s32; its log: progressive logs v000 s32 --jobs jobs/f\n" in proc.stdout, proc.stdout
+    assert "v001 failed in s32; its log: progressive logs v001 s32 --jobs jobs/f\n" in proc.stdout
+    logs = run_cli("logs", "v001", "s32", "--jobs", "jobs/f", cwd=tmp_path, check=True).stdout
+    assert "stage s32: starting" in logs and f"RuntimeError: injected failure: {tmp_path}/fail-32 exists" in logs, logs
+    assert "stage s16" not in logs
     s16 = tmp_path / "checkpoints" / "f" / "v000" / "s16" / "final.pt"
     first = s16.stat().st_mtime_ns
     dry = run_cli("sweep", "resume", "f", "--jobs", str(tmp_path / "jobs"), "--dry-run", check=True).stdout
@@ -179,3 +186,37 @@ def test_local_resume_finishes_failed_variants_without_rerunning_complete_stages
     assert [r["state"] for r in rows] == ["completed", "completed"] and all(r["final.learned_iters"] for r in rows)
     assert s16.stat().st_mtime_ns == first  # the complete stage was not rerun
     assert (tmp_path / "jobs" / "f" / "best" / "final.pt").is_file()
+
+
+def test_sweep_status_watch_ends_by_itself_when_the_sweep_ends(tiny_dataset: Path, tmp_path: Path) -> None:
+    """`sweep status --watch 1`, piped, started as soon as a local sweep exists: a table each time it changes,
+    no control codes, and it exits 0 by itself once the sweep is over, the last table all completed. One
+    variant at a time: between two stages nothing runs, and the watch must not take that for the end."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    setup(tmp_path, tiny_dataset, '[sweep]\nname = "w"\nmetric = "learned_iters"\nparallel = 1\n'
+                                  '[sweep.params]\n"train.lr" = [1e-3, 3e-3]\n')
+    submit = subprocess.Popen([sys.executable, "-m", "progressive", "sweep", "submit", "--local"], cwd=tmp_path,
+                              env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sweep_dir = tmp_path / "jobs" / "w"
+    deadline = time.monotonic() + 120
+    while not (sweep_dir / "sweep.json").is_file():
+        assert submit.poll() is None and time.monotonic() < deadline, submit.stderr.read() if submit.stderr else ""
+        time.sleep(0.1)
+    watch = run_cli("sweep", "status", "w", "--jobs", str(tmp_path / "jobs"), "--watch", "1", timeout=300)
+    summary_when_watch_ended = (sweep_dir / "summary.csv").is_file()
+    assert submit.wait(timeout=120) == 0
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    assert "\x1b" not in watch.stdout
+    tables = watch.stdout.split("sweep w (local, grid): learned_iters, min is best")[1:]
+    assert len(tables) >= 3, watch.stdout
+    assert "not started" in tables[0], tables[0]
+    assert any("running" in t for t in tables)
+    assert all(a != b for a, b in zip(tables, tables[1:]))  # printed once per change
+    last = [line for line in tables[-1].splitlines() if line.startswith("│ v")]
+    assert len(last) == 2 and all("│ completed │" in line for line in last), tables[-1]
+    assert tables[-1].rstrip().splitlines()[-1].startswith("best so far: v00")
+    assert summary_when_watch_ended  # it ended with the sweep's runner (after its outputs), not before

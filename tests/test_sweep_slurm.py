@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,19 @@ def test_prune_job_stops_half_after_the_first_stage(slurm_cluster: None, tiny_da
     proc = run_cli("sweep", "submit", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = tmp_path / "jobs"
+    # `sweep status --watch`, piped, from submit on: it must end by itself once every variant is final.
+    watched = tmp_path / "watch.out"
+    with watched.open("w") as out:
+        watch = subprocess.Popen([sys.executable, "-m", "progressive", "sweep", "status", "halve", "--jobs", str(jobs),
+                                  "--watch", "2"], stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **ENV, "COLUMNS": "200"})
     st = wait_for(lambda: settled("halve", jobs), 600, "the pruned sweep to settle")
+    assert watch.wait(timeout=60) == 0, watched.read_text()
+    tables = watched.read_text().split("sweep halve (slurm, grid): learned_iters, min is best")[1:]
+    assert len(tables) >= 2 and "\x1b" not in watched.read_text()
+    assert "pending" in tables[0] or "running" in tables[0], tables[0]
+    last = sorted(line.split("│")[3].strip() for line in tables[-1].splitlines() if line.startswith("│ v"))
+    assert last == ["completed", "completed", "pruned", "pruned"], tables[-1]
     rec = json.loads((jobs / "halve" / "sweep.json").read_text())
     decision = rec["prunes"][0]
     assert decision["decided"] and decision["job_id"] and len(decision["kept"]) == 2 and len(decision["pruned"]) == 2
@@ -130,6 +144,14 @@ def test_prune_job_stops_half_after_the_first_stage(slurm_cluster: None, tiny_da
         assert row["state"] == "pruned" and float(row["s16.learned_iters"]) == metric and row["s32.learned_iters"] == ""
     kept_metrics = [float(summary(jobs, "halve")[n]["s16.learned_iters"]) for n in decision["kept"]]
     assert max(kept_metrics) <= min(decision["pruned"].values())
+    # `logs VARIANT STAGE --jobs jobs/<sweep>` prints that variant's array task file, as sbatch wrote it.
+    kept = decision["kept"][0]
+    out = run_cli("logs", kept, "s32", "--jobs", str(jobs / "halve"), check=True).stdout
+    assert out == (jobs / "halve" / "slurm" / f"{a1['job_id']}_{int(kept[1:])}.out").read_text()
+    assert "stage s32: starting" in out and "stage s32: completed" in out, out
+    pruned = next(iter(decision["pruned"]))
+    first = run_cli("logs", pruned, "s16", "--jobs", str(jobs / "halve"), check=True).stdout
+    assert "stage s16: completed" in first and "stage s32" not in first, first
 
 
 def test_sbatch_refusal_leaves_nothing(slurm_cluster: None, tiny_dataset: Path, tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +44,25 @@ def graph_toml(stages: list[dict], head: str = "") -> str:
         for k, v in extra.items():
             text += f"{k} = {v!r}\n".replace("'", '"')
     return text
+
+
+def fake_slurm_sweep(tmp_path: Path, data: Path, monkeypatch: "pytest.MonkeyPatch", *, name: str = "sw") -> Path:
+    """A grid sweep of two variants x two stages (s16 -> s32) submitted as Slurm arrays, in process, with
+    sbatch faked (array ids 500, 501; summary job 502) and every record real; returns jobs/<name>."""
+    import progressive.backends.slurm as slurm_backend
+    from progressive.cli import main
+    from progressive.sweep import slurm_array
+
+    ids = iter(["500", "501", "502", "503"])
+    monkeypatch.setattr(slurm_backend, "slurm_available", lambda: True)
+    monkeypatch.setattr(slurm_array, "sbatch", lambda script, dep: next(ids))
+    monkeypatch.setattr(slurm_array, "queued_arrays", lambda: set())
+    (tmp_path / "stages.toml").write_text(
+        f'[run]\nname = "g"\ndata = "{data}"\n[slurm]\ntime = "5m"\n'
+        '[[stage]]\nname = "s16"\nbucket = 16\nbatch_size = 4\nepochs = 1\ninit_from = "none"\n'
+        '[[stage]]\nname = "s32"\nbucket = 32\nbatch_size = 4\nepochs = 1\n')
+    (tmp_path / "sweep.toml").write_text(f'[sweep]\nname = "{name}"\nmetric = "learned_iters"\n'
+                                         '[sweep.params]\n"train.lr" = [1e-3, 3e-3]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "submit"]) == 0
+    return tmp_path / "jobs" / name

@@ -41,7 +41,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_run_args(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     add_wide_arg(s)
-    s.add_argument("--watch", nargs="?", type=_positive_seconds, const=10.0, metavar="SECONDS",
+    s.add_argument("--watch", nargs="?", type=positive_seconds, const=10.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage is final")
     s.set_defaults(handler=cmd_status)
 
@@ -73,7 +73,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.set_defaults(handler=cmd_demo)
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """--watch's SECONDS: a positive number."""
     try:
         value = float(text)
     except ValueError:
@@ -385,7 +386,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not existing:
         which = "stderr" if args.err else "output"
         raise RunError(f"stage {stage!r} has no {which}{'' if args.task is None else f' of task {args.task}'} yet",
-                       loc=str(rec.run_dir), hint=f"check `progressive status {rec.run_name}`: the job may still be "
+                       loc=str(rec.run_dir), hint=f"check `progressive status {run_ref(rec)}`: the job may still be "
                                                   "pending" + ("" if args.task in (0, None) else
                                                                ", or the job has fewer tasks (try --task all)"))
     import sys

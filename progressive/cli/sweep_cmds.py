@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from progressive.cli.plan_cmds import DEFAULT_CONFIG, add_wide_arg, rel
 from progressive.cli.render import Col, console, print_next, print_table
+from progressive.cli.run_cmds import positive_seconds
 
 if TYPE_CHECKING:
     from progressive.sweep.config import SweepTable
@@ -40,6 +42,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _sweep_arg(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     add_wide_arg(st)
+    st.add_argument("--watch", nargs="?", type=positive_seconds, const=10.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 10), in place on a terminal, until the sweep ends (every "
+                    "variant final; a local sweep's runner gone); piped, a table each time it changes")
     st.set_defaults(handler=cmd_status)
 
     r = acts.add_parser("resume", help="resubmit failed, cancelled or timed-out variants from their checkpoints")
@@ -204,25 +209,79 @@ def _run_local(rec: Any) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Handler of `sweep status`."""
     from progressive.sweep import record as srecord
-    from progressive.sweep.summary import best, rows
+    from progressive.sweep.summary import best, ended, rows
 
     rec = srecord.find(Path(args.jobs), args.name)
-    if args.json:
+    if args.watch and not args.json:
+        return _watch(rec.sweep_dir, args.watch, wide=args.wide)
+    while True:
         table = rows(rec)
-        top = best(rec, table)
-        print(json.dumps({"sweep": rec.name, "mode": rec.mode, "metric": rec.metric, "goal": rec.goal,
-                          "best": top.name if top else None,
-                          "variants": [r.__dict__ for r in table]}, indent=2, default=str))
-        return 0
-    _show_status(rec, wide=args.wide)
-    return 0
+        if args.json:
+            top = best(rec, table)
+            print(json.dumps({"sweep": rec.name, "mode": rec.mode, "metric": rec.metric, "goal": rec.goal,
+                              "best": top.name if top else None,
+                              "variants": [r.__dict__ for r in table]}, indent=2, default=str), flush=True)
+        else:
+            _show_status(rec, table, wide=args.wide)
+        if not args.watch or ended(rec, table):
+            return 0
+        time.sleep(args.watch)
+        rec = srecord.load(rec.sweep_dir)
 
 
-def _show_status(rec: Any, *, wide: bool = False) -> None:
+def _watch(sweep_dir: str, seconds: float, *, wide: bool) -> int:
+    """`sweep status --watch`: the table every `seconds` until the sweep ends.
+
+    On a terminal it is redrawn in place (rich Live). Piped (a file, a test), the table is printed
+    whole, without control codes, each time its text changes, the last one included.
+    """
+    import io
+    import sys
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from progressive.sweep import record as srecord
+    from progressive.sweep.summary import ended, rows
+
+    con = console()
+
+    def snapshot() -> tuple[str, bool]:
+        rec = srecord.load(sweep_dir)  # a resume in between changes the record
+        table = rows(rec)
+        out = io.StringIO()
+        _show_status(rec, table, wide=wide, con=Console(file=out, width=con.width, force_terminal=con.is_terminal,
+                                                         color_system="truecolor" if con.is_terminal else None,
+                                                         highlight=False))
+        return out.getvalue(), ended(rec, table)
+
+    if con.is_terminal:
+        with Live(console=con, auto_refresh=False) as live:
+            while True:
+                text, done = snapshot()
+                live.update(Text.from_ansi(text.rstrip("\n")), refresh=True)
+                if done:
+                    return 0
+                time.sleep(seconds)
+    last = None
+    while True:
+        text, done = snapshot()
+        if text != last:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            last = text
+        if done:
+            return 0
+        time.sleep(seconds)
+
+
+def _show_status(rec: Any, table: Any = None, *, wide: bool = False, con: Any = None) -> None:
     from progressive.cli.run_cmds import STATE_STYLE
     from progressive.sweep.summary import best, rows
 
-    table = rows(rec)
+    table = rows(rec) if table is None else table
+    con = con or console()
     top = best(rec, table)
     stage_names = list(dict.fromkeys(s for r in table for s in r.stages))
     keys = list(dict.fromkeys(k for r in table for k in r.params))
@@ -246,9 +305,14 @@ def _show_status(rec: Any, *, wide: bool = False) -> None:
         out.append([name, *[_fmt(r.params.get(k, "")) for k in keys], f"[{style}]{r.state}[/]" if style else r.state,
                     *cells, f"{r.final_metric:.4g}" if r.final_metric is not None else "-", f"{r.cpu_hours:.3f}"])
     print_table(cols, out, title=f"sweep {rec.name} ({rec.mode}, {rec.method}): {rec.metric}, {rec.goal} is best",
-                wide=wide)
+                wide=wide, con=con)
+    for r in table:  # where to look first: the stage that failed (or ran out of time) and its output
+        stage = next((s for s, state in r.stages.items() if state in ("failed", "timeout")), None)
+        if stage is not None:
+            con.print(f"{r.name} {r.stages[stage]} in {stage}; its log: progressive logs {r.name} {stage} "
+                      f"--jobs {rel(rec.sweep_dir)}", markup=False, soft_wrap=True)
     if top is not None:
-        console().print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
+        con.print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

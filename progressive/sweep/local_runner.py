@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from progressive import record
-from progressive.layout import STAGES_DIR, is_complete
+from progressive.backends.local import this_runner
+from progressive.layout import STAGES_DIR, WORKER_LOG, is_complete
+from progressive.record import Runner
 from progressive.signals import INTERRUPT_SIGNALS
 from progressive.sweep import record as srecord
 from progressive.sweep.record import SweepRecord
@@ -40,7 +42,7 @@ class _Runner:
             return "stopped"
         self.on_event(variant, stage, "start")
         cmd = [sys.executable, "-m", "progressive.sweep.task", "local", str(self.rec.run_dir(variant)), stage]
-        log = self.rec.run_dir(variant) / STAGES_DIR / stage / "worker.log"
+        log = self.rec.run_dir(variant) / STAGES_DIR / stage / WORKER_LOG
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             # Own session: Ctrl-C reaches the runner only, which forwards SIGTERM to each worker once.
@@ -75,6 +77,22 @@ def _todo(rec: SweepRecord, variant: str) -> list[str]:
 
 def run_local_sweep(rec: SweepRecord, on_event: Optional[Event] = None) -> bool:
     """Run every unfinished, unpruned variant; write summary.csv and best/; True if nothing was interrupted."""
+    _record_runner(rec, this_runner())
+    try:
+        return _run(rec, on_event)
+    finally:
+        _record_runner(rec, None)
+
+
+def _record_runner(rec: SweepRecord, runner: Optional[Runner]) -> None:
+    """Write (or clear) the process running the sweep into its record."""
+    with record.locked(rec.sweep_dir):
+        fresh = srecord.load(rec.sweep_dir)
+        fresh.runner = runner
+        srecord.save(fresh)
+
+
+def _run(rec: SweepRecord, on_event: Optional[Event]) -> bool:
     from progressive.sweep.summary import write_outputs
 
     runner = _Runner(rec, on_event)

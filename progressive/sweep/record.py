@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from progressive import atomic
 from progressive.errors import RunError
+from progressive.record import Runner
 from progressive.units import now_iso
 
 SWEEP_FILE = "sweep.json"
@@ -79,6 +80,9 @@ class SweepRecord(_Rec):
     arrays: list[ArrayRecord] = Field(default_factory=list)
     prunes: list[PruneRecord] = Field(default_factory=list)
     final_job: Optional[str] = None
+    # Local mode: the process running the variants (`sweep submit|resume --local`), while it runs;
+    # `sweep status --watch` waits for it, since a variant between two stages looks not started.
+    runner: Optional[Runner] = None
 
     def variant(self, name: str) -> VariantRecord:
         """The variant called `name`."""

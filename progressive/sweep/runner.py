@@ -76,6 +76,7 @@ def submit(sweep: SweepTable, paths: SweepPaths, vplans: list[VariantPlan], *, c
     stage wants several processes. `replan` rebuilds the plans once a subset file exists.
     If any sbatch fails, the jobs submitted are cancelled and the sweep's records removed.
     """
+    from progressive.backends.local import this_runner
     from progressive.backends.slurm import slurm_available
 
     if srecord.path(paths.sweep_dir).is_file():
@@ -116,7 +117,8 @@ def submit(sweep: SweepTable, paths: SweepPaths, vplans: list[VariantPlan], *, c
                 created_at=now_iso(), updated_at=now_iso(), sweep_dir=str(paths.sweep_dir),
                 config_path=str(paths.config_path), sweep_path=str(Path(sweep_path).resolve()), sweep_text=sweep_text,
                 variants=[VariantRecord(name=vp.variant.name, index=vp.variant.index, params=vp.variant.params,
-                                        stages=vp.plan.names) for vp in vplans])
+                                        stages=vp.plan.names) for vp in vplans],
+                runner=this_runner() if local else None)  # this process runs them next (run_local_sweep)
             runs = {vp.variant.name: _run_record(vp.plan, config_text, local) for vp in vplans}
             for run in runs.values():
                 record.save(run)

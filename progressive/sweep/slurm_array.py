@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from progressive.layout import ARRAY_TASK_LOG, SWEEP_SLURM_DIR
 from progressive.plan import StagePlan
 from progressive.backends.base import JobInfo
 from progressive.backends.slurm import parse_rows, run
@@ -88,7 +89,7 @@ def task_list(ids: Iterable[int], parallel: int) -> str:
     return ",".join(parts) + f"%{parallel}"
 
 
-SLURM_DIR = "slurm"  # jobs/<sweep>/slurm/: the arrays' and helper jobs' scripts and logs
+SLURM_DIR = SWEEP_SLURM_DIR  # jobs/<sweep>/slurm/: the arrays' and helper jobs' scripts and logs
 
 
 def slurm_dir(sweep_dir: str | Path) -> Path:
@@ -101,7 +102,8 @@ def render(sweep_name: str, sweep_dir: Path, spec: ArraySpec, tasks: Iterable[in
     """The sbatch script of an array (its dependency goes on sbatch's command line, known only at submit)."""
     logs = slurm_dir(sweep_dir)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep_name}.{spec.key}", f"#SBATCH --array={task_list(tasks, parallel)}",
-             f"#SBATCH --output={logs}/%A_%a.out", f"#SBATCH --error={logs}/%A_%a.err", "#SBATCH --open-mode=append",
+             f"#SBATCH --output={logs}/{ARRAY_TASK_LOG}.out",
+             f"#SBATCH --error={logs}/{ARRAY_TASK_LOG}.err", "#SBATCH --open-mode=append",
              "#SBATCH --requeue"]
     lines += [f"#SBATCH --{k}={v}" if v else f"#SBATCH --{k}" for k, v in spec.options]
     lines += ["", "# submitit's JobEnvironment (rank, world size, hosts) reads this", "export SUBMITIT_EXECUTOR=slurm"]

@@ -77,9 +77,12 @@ def stage_states(rec: SweepRecord, runs: dict[str, RunRecord] | None = None) -> 
             if v.pruned_after and not is_complete(st.final_checkpoint):
                 state = "pruned"
             elif rec.mode == "slurm" and job and info is None and "_" in job \
-                    and any(k.startswith(job.split("_")[0] + "_") for k in infos):
+                    and any(k.startswith(job.split("_")[0] + "_") for k in infos) \
+                    and not is_complete(st.final_checkpoint):
                 # Slurm keeps no record of a pending array task cancelled before it was split off
-                # from its array; if Slurm knows the array but not the task, the task never ran.
+                # from its array; if Slurm knows the array but not the task, the task never ran. A task
+                # that has just ended may be missing too (gone from squeue, not yet in sacct): its final
+                # weights say it completed.
                 state = "cancelled"
             else:
                 state = stage_state(run, st, info).value  # the one reading of a stage's state, as `status`
@@ -159,6 +162,19 @@ def rows(rec: SweepRecord) -> list[VariantRow]:
         out.append(VariantRow(v.name, v.params or {}, state, stage_state, metrics, final, wall, cpu_h, gpu_h,
                               v.pruned_after, last.final_checkpoint if state == "completed" else None, evals))
     return out
+
+
+def ended(rec: SweepRecord, table: list[VariantRow]) -> bool:
+    """Whether nothing more happens to the sweep by itself: every variant in a final state and, for a
+    local sweep, the process running it gone (between two stages a variant looks not started)."""
+    from progressive.backends.local import runner_alive
+    from progressive.states import FINAL
+
+    final = {s.value for s in FINAL}
+    if any(r.state not in final for r in table):
+        return False
+    # On another host (None) it cannot be checked from here: it counts as running.
+    return rec.mode != "local" or rec.runner is None or runner_alive(rec.runner) is False
 
 
 def best(rec: SweepRecord, table: list[VariantRow]) -> Optional[VariantRow]:
