@@ -69,3 +69,17 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         assert (site / page).is_file(), page
     # benchmarks/RESULTS.md is included, not copied: its first heading reaches the site.
     assert "Benchmark results" in (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_readmes_curriculum_is_a_valid_stages_toml_and_its_links_exist() -> None:
+    import re
+
+    from progressive.config import parse_config
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    cfg = parse_config(example, source="README.md")
+    assert [st.name for st in cfg.stage] == ["small_512", "large_4096"] and cfg.tracking.wandb is not None
+    links = re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", readme)
+    assert links and all((ROOT / link).is_file() for link in links), [x for x in links if not (ROOT / x).is_file()]
+    assert len(readme.splitlines()) <= 130  # the manual lives in docs/
