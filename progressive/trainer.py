@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 import zlib
 from dataclasses import dataclass

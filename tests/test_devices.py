@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from progressive.config import parse_config
-from progressive.devices import keep_precision, pick_device, resolve_precision, set_numerics
+from progressive.devices import keep_precision, pick_device, resolve_precision
 from progressive.errors import CheckpointError, ConfigError
 
 STAGE = '[[stage]]\nname = "a"\nbucket = 16\nbatch_size = 2\nepochs = 1\n'

@@ -63,7 +63,7 @@ def test_every_starter_and_its_sweep_plan_cleanly(kind: str, tmp_path: Path) -> 
 def test_missing_graph_hint_points_at_init(tmp_path: Path) -> None:
     proc = run_cli("plan", cwd=tmp_path, env=ENV)
     assert proc.returncode == 2
-    assert proc.stderr == (f"error: stages.toml: file not found\n  hint: pass the stage graph with -c PATH, or write "
+    assert proc.stderr == ("error: stages.toml: file not found\n  hint: pass the stage graph with -c PATH, or write "
                            "a starter one here with `progressive init`\n")
     sweep = run_cli("sweep", "plan", cwd=tmp_path, env=ENV)
     assert "write a starter one here with `progressive init --sweep`" in sweep.stderr

@@ -9,7 +9,6 @@ before and after.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from progressive.metrics import read_metrics
-from progressive.report.accounting import Attempt, account_slurm, parse_sacct
+from progressive.report.accounting import account_slurm, parse_sacct
 from progressive.report.data import Segment, StageData
 from tests.util import REPO, run_cli
 

@@ -96,7 +96,7 @@ def test_two_node_stage_requeues_and_ends_bitwise_identical(multinode_cluster: d
     cut_cfg = graph(tmp_path, tiny_dataset, "mncut", wide, options="step_sleep = 1.5", slurm={"time": '"2m"'})
     ref_cfg = graph(tmp_path, tiny_dataset, "mnref", wide, options="step_sleep = 0.0", slurm={"time": '"10m"'})
     cut_id = submit(cut_cfg, env)["wide"]
-    ref_id = submit(ref_cfg, env)["wide"]  # the nodes have room for both (1 core of 2 each)
+    submit(ref_cfg, env)  # the nodes have room for both (1 core of 2 each)
     jobs = tmp_path / "jobs"
 
     ref = wait_for(lambda: finished("mnref", jobs, env), 300, "the uninterrupted 2-node reference")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from progressive.plan import steps_per_epoch
 from progressive.trainer import checkpoint_interval, data_position, get_lr, micro_batch_sizes
