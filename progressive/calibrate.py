@@ -451,8 +451,9 @@ def calibration_job(plan_json: str, stage_name: str, options: dict[str, Any]) ->
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
         torch.set_num_threads(int(cpus))  # as the stage's job does
-    dev = pick_device(stage.slurm.gpus_per_node, stage.slurm.tasks_per_node, env["local_rank"], visible_gpus(),
-                      require_gpu=True)
+    # Not require_gpu: a GPU stage calibrated where no GPU is visible is measured on the CPU (with a warning in
+    # the job's log), and plan shows the entry as stale ("device cpu -> cuda") rather than calibrate failing.
+    dev = pick_device(stage.slurm.gpus_per_node, stage.slurm.tasks_per_node, env["local_rank"], visible_gpus())
     info = init_distributed(torch.device(dev), timeout_min=stage.train.dist_timeout)
     try:
         entry = measure_stage(plan, stage, device=dev, dist=info, **options)
