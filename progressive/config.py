@@ -177,7 +177,8 @@ class WandbConfig(_Strict):
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(
         None, description="online, offline (files under the run's folder; `progressive sync RUN` uploads them) or "
                           "disabled (default: $WANDB_MODE, else online).")
-    tags: tuple[str, ...] = Field((), description="Tags on every stage's run.")
+    tags: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = Field(
+        (), description="Tags on every stage's run (W&B allows 64 characters each).")
 
 
 class MlflowConfig(_Strict):

@@ -126,11 +126,12 @@ def set_numerics(dev: "torch.device", tc: "TrainConfig") -> None:
     torch.backends.cudnn.allow_tf32 = tc.tf32  # cuDNN's default is True: off unless asked
     if dev.type == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if tc.deterministic:
+    # Both ways: these are process-wide, and local mode trains several stages in one process.
+    if tc.deterministic:  # effective where CUDA has not started yet (the job script exports it for Slurm jobs)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(tc.deterministic)
+    torch.backends.cudnn.deterministic = tc.deterministic
+    torch.backends.cudnn.benchmark = False
 
 
 def autocast_for(precision: str, dev: "torch.device") -> "Callable[[], Any]":

@@ -149,6 +149,7 @@ def _after_sigterm(job_id: str, counter: Path) -> NoReturn:
     except SlurmError as exc:
         # E.g. a job with requeue disabled. Exiting now would be recorded FAILED; staying until Slurm
         # kills it at the end of GraceTime lets Slurm record PREEMPTED and apply its PreemptMode.
+        requeues.set_preemptions(counter, job_id, n - 1)  # it did not requeue itself: status must not say so
         log.warning("Slurm refused to requeue preempted job %s; waiting for Slurm to end it at the end of "
                     "GraceTime (it then applies the partition's PreemptMode): %s", job_id, exc)
         _wait_for_time_limit(600)

@@ -230,8 +230,22 @@ def build_plan(
         seed=cfg.run.seed,
         model=cfg.model,
         stages=tuple(stages),
-        tracking=resolve_tracking(cfg, base, run, os.environ, {st.name: st.total_steps for st in stages}),
+        # Offsets over every stage of the graph, not only the selected ones: `submit --stages a` then
+        # `--stages b` must not put both on the same stretch of the global-step axis.
+        tracking=resolve_tracking(cfg, base, run, os.environ, _all_totals(cfg, bucket_counts)),
     )
+
+
+def _all_totals(cfg: GraphConfig, counts: Mapping[int, Mapping[str, int]] | None) -> dict[str, int | None]:
+    """Every stage's total optimizer steps, in dependency order (None where the data is unknown)."""
+    out: dict[str, int | None] = {}
+    for name in topological_order(cfg):
+        st = cfg.stage[[s.name for s in cfg.stage].index(name)]
+        slurm, train = resolved(cfg, st)
+        train_n = int(counts.get(st.bucket, {}).get("train", 0)) if counts is not None else 0
+        out[name] = (steps_per_epoch(train_n, st.batch_size, slurm.nodes * slurm.tasks_per_node, train.grad_accum)
+                     * st.epochs) if train_n else None
+    return out
 
 
 def _init_from(cfg: GraphConfig, idx: int, base: Path, layout: RunLayout) -> InitFrom:

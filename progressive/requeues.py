@@ -52,6 +52,11 @@ def set_count(path: str | Path, job_id: str, timeouts: int) -> None:
     _write(path, job_id, timeouts, preemptions(path, job_id))
 
 
+def set_preemptions(path: str | Path, job_id: str, preempted: int) -> None:
+    """Record the preemptions job `job_id` came back from (atomically; its time-out count is kept)."""
+    _write(path, job_id, count(path, job_id), preempted)
+
+
 def add_preemption(path: str | Path, job_id: str) -> int:
     """Count one more preemption of job `job_id` (atomically; its time-out count is kept); returns the new count."""
     n = preemptions(path, job_id) + 1

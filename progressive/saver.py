@@ -8,8 +8,8 @@ and end-of-stage saves stay synchronous, after any write in flight: the pre-time
 preemption save is complete before the job requeues. A process killed during a background write
 leaves a temp file (removed at the next start) and the previous checkpoint intact.
 
-A background write that fails (a full disk) is raised in the training thread at the next step,
-as a synchronous save would have raised it.
+A background write that fails (a full disk) is raised at the next step on every rank (the
+trainer's per-step all-reduce carries it), as a synchronous save would have raised it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class CheckpointWriter:
     def save(self, state: dict[str, Any], path: Path, step: int, reason: str, *, background: bool) -> None:
         """Write `state` to `path` now, or (background) copy it and write it on the writer's thread."""
         t0 = time.perf_counter()
-        self.wait()  # one in flight at most; a stop or end save comes after the periodic one before it
+        self._join()  # one in flight at most; a stop or end save comes after the periodic one before it
         if not background:
             self._write(state, path, step, reason, t0, background=False)
             return
@@ -114,19 +114,30 @@ class CheckpointWriter:
         with self._lock:
             self._done.append(SaveDone(step, path, reason, blocked, write_s, background))
 
-    def wait(self) -> None:
-        """Until no write is in flight; raises the error of a failed background write."""
+    @property
+    def failed(self) -> bool:
+        """A background write has failed (or is failing) and its error is not yet raised."""
+        return self._error is not None
+
+    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait(self) -> None:
+        """Until no write is in flight; raises the error of a failed background write.
+
+        Only the trainer's all-rank check (`_agree`) calls it, so that every rank stops together.
+        """
+        self._join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def finished(self) -> list[SaveDone]:
-        """Saves finished since the last call (raises the error of a failed background write)."""
+        """Saves finished since the last call (a failed one is kept for `wait` to raise)."""
         if self._thread is not None and not self._thread.is_alive():
-            self.wait()
+            self._join()
         with self._lock:
             done, self._done = self._done, []
         return done

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from progressive.config import parse_config
+from progressive.devices import CUBLAS_WORKSPACE
 from progressive.plan import Plan, build_plan
 
 __all__ = ["Check", "run_checks", "amp_check", "CHECKS"]
@@ -150,7 +151,7 @@ def amp_check(task_ref: str, dtype: torch.dtype, dev: torch.device, folder: Path
 def deterministic_check(dev: torch.device, folder: Path) -> Check:
     """Bitwise equal gradients over two backward passes with deterministic algorithms on."""
     before = torch.are_deterministic_algorithms_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(True)
     try:
         task, batch = _batch(PRECOND, folder, dev)
@@ -307,10 +308,21 @@ def nccl_check(dev: torch.device, folder: Path) -> Check:
             "d.init_process_group('nccl', rank=r, world_size=2, device_id=dev)\n"
             "t = torch.full((4,), float(r + 1), device=dev); d.all_reduce(t); print(float(t[0]))\n"
             "d.destroy_process_group()\n")
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:  # a hung rank must not keep holding its GPU after doctor ends
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     ok = all(p.returncode == 0 and o.strip() == "3.0" for p, (o, _) in zip(procs, outs))
     return Check("nccl 2 ranks", "pass" if ok else "fail", "all-reduce of 1 + 2 = 3 on both ranks" if ok
                  else "; ".join(e.strip()[-200:] for _, e in outs))

@@ -3,8 +3,9 @@
 `_train` reads top to bottom: set up (task, data, model, optimizer, loader), restore (this
 stage's own checkpoint, else the parent's final weights, else a seeded init), then one
 `_train_step` per optimizer step, saving when a stop is asked or a checkpoint is due, then
-`_finish` (evaluation and final.pt). What a checkpoint holds, and how each part goes into it
-and comes back out, is `progressive.train_state`'s business.
+`_finish` (evaluation and final.pt). The set-up and the restore are `progressive.train_setup`'s;
+what a checkpoint holds, and how each part goes into it and comes back out, is
+`progressive.train_state`'s.
 
 Exact resume is by construction, not by luck:
 - the data position is a pure function of the optimizer step (every step but an epoch's
@@ -24,17 +25,14 @@ import contextlib
 import logging
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from progressive.checkpoint import clean_temp_files, latest_checkpoint, restore_rng, save_atomic, step_path
-from progressive.data.loader import ResumableSampler, make_loader
+from progressive.checkpoint import save_atomic, step_path
 from progressive.distributed import (
     DistInfo,
     barrier,
@@ -47,31 +45,22 @@ from progressive.distributed import (
     sum_all,
 )
 from progressive.devices import (
-    autocast_for,
-    bf16_supported,
-    keep_precision,
     pick_device,
-    resolve_precision,
     set_numerics,
     visible_gpus,
 )
 from progressive.errors import CheckpointError, ConfigError, DataError
 from progressive.layout import TENSORBOARD_DIR
 from progressive.metrics import MetricsWriter, peak_memory_mb
-from progressive.config import TrainConfig
-from progressive.plan import Plan, StagePlan, steps_per_epoch
-from progressive.saver import CheckpointWriter
-from progressive.signals import job_signals
-from progressive.task import Task, load_task
+from progressive.plan import Plan, StagePlan
+from progressive.task import Task
 from progressive.tracking.hub import open_hub
+from progressive.train_setup import StageJob, data_position, distribute, make_optimizer, restore_state, setup_job
 from progressive.train_state import (
     FinalCheckpoint,
-    StageIdentity,
     TrainParts,
     TrainState,
-    init_weights,
     load_final,
-    load_state,
 )
 from progressive.units import parse_duration_min
 
@@ -126,22 +115,11 @@ def micro_batch_sizes(per_rank: int, batch_size: int, grad_accum: int, step_in_e
     return [min(batch_size, left - i * batch_size) for i in range(count)]
 
 
-def data_position(step: int, spe: int, batch_size: int, grad_accum: int) -> tuple[int, int]:
-    """(epoch, samples of that epoch this rank has consumed) after `step` optimizer steps."""
-    epoch, in_epoch = divmod(step, spe)
-    return epoch, in_epoch * batch_size * grad_accum
-
-
 def checkpoint_interval(value: str | int) -> tuple[Literal["steps", "seconds"], float]:
     """`train.checkpoint_every` as ("steps", k) for an int, or ("seconds", s) for a duration string."""
     if isinstance(value, int):
         return "steps", float(value)
     return "seconds", parse_duration_min(value) * 60.0
-
-
-def _seed(*parts: Any) -> int:
-    # A stable 63-bit seed from its parts (Python's hash() is salted per process).
-    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
 
 
 class _SaveClock:
@@ -158,38 +136,6 @@ class _SaveClock:
     def saved(self) -> None:
         """A periodic checkpoint was just written: the next one is due an interval from now."""
         self.last = time.perf_counter()
-
-
-@dataclass
-class _Job:
-    """This job's set-up of a stage: fixed while the loop runs (the progress lives in a TrainState)."""
-
-    plan: Plan
-    stage: StagePlan
-    dist: DistInfo
-    dev: torch.device
-    task: Task
-    parts: TrainParts
-    loader: DataLoader[Any]
-    ident: StageIdentity
-    spe: int  # optimizer steps per epoch
-    per_rank: int  # samples per rank per epoch
-    precision: str
-    autocast: Callable[[], Any]
-    saver: CheckpointWriter  # rank 0's step-checkpoint writes (in the background with async_checkpoint)
-
-    @property
-    def loc(self) -> str:
-        return f"stage {self.stage.name!r}"
-
-    @property
-    def total(self) -> int:
-        return self.ident.total_steps
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, samples of it this rank has consumed) after `step` optimizer steps."""
-        epoch, in_epoch = data_position(step, self.spe, self.stage.batch_size, self.stage.train.grad_accum)
-        return epoch, min(in_epoch, self.per_rank)
 
 
 @dataclass(frozen=True)
@@ -255,9 +201,9 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
                             final.metrics or {})
 
     entered = time.time()  # set-up (task, data, model, checkpoint load) is timed for `progressive report`
-    job = _setup(plan, stage, dist, dev)
-    state = _restore(job)
-    model = _distribute(job)
+    job = setup_job(plan, stage, dist, dev)
+    state = restore_state(job)
+    model = distribute(job)
     metrics = _open_metrics(job, on_progress, resumed_at=state.step)
     try:
         clock = _SaveClock(stage.train.checkpoint_every)
@@ -286,144 +232,17 @@ def _train(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device, stop
         metrics.close()
 
 
-# --------------------------------------------------------------------------- set-up and restore
-
-
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases and norms)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
-
-
-def _setup(plan: Plan, stage: StagePlan, dist: DistInfo, dev: torch.device) -> _Job:
-    """Task, data, step counts, precision, model, optimizer, sampler and loader, all fresh."""
-    tc, loc = stage.train, f"stage {stage.name!r}"
-    task: Task = load_task(plan.model.task, plan.model.options)
-    train_ds = task.dataset(plan.data_path, stage.bucket, "train")
-    n_train = len(train_ds)  # type: ignore[arg-type]
-    if n_train == 0:
-        raise DataError(f"bucket n={stage.bucket} has no training samples", loc=f"{plan.data_path}: {loc}")
-    spe = steps_per_epoch(n_train, stage.batch_size, dist.world_size, tc.grad_accum)
-    total = spe * stage.epochs
-    if stage.total_steps is not None and stage.total_steps != total:
-        raise DataError(f"the training split has {n_train} samples ({total} steps) but the plan counted "
-                        f"{stage.samples and stage.samples.get('train')} ({stage.total_steps} steps)",
-                        loc=f"{plan.data_path}: {loc}", hint="the data file changed since the plan was made: re-plan the run")
-    precision = resolve_precision(tc.precision, dev.type, bf16_supported(dev))
-
-    torch.manual_seed(plan.seed)  # every rank builds identical initial weights
-    model = task.build_model().to(dev)
-    parts = TrainParts(model=model, optimizer=make_optimizer(model, tc), scaler=torch.amp.GradScaler(dev.type, enabled=precision == "fp16"),
-                       sampler=ResumableSampler(n_train, seed=plan.seed, rank=dist.rank, world_size=dist.world_size),
-                       loss_gen=torch.Generator(device=dev).manual_seed(_seed(plan.seed, stage.name, "loss", dist.rank)))
-    # Per-rank streams for anything random beyond the loss (dropout, augmentation in a user's task).
-    torch.manual_seed(_seed(plan.seed, stage.name, "torch", dist.rank))
-
-    # This rank's shard, restartable mid-epoch; workers outlive the job's signals, the stage's own included.
-    loader = make_loader(train_ds, parts.sampler, stage.batch_size, tc.num_workers, pin_memory=dev.type == "cuda",
-                         collate_fn=task.collate, worker_init=task.worker_init_fn,
-                         signals=job_signals(stage.slurm.signal),
-                         # Its own generator: iter(loader) would otherwise draw from the global torch RNG,
-                         # and a resumed job calls iter() at a point where an uninterrupted one did not.
-                         generator=torch.Generator().manual_seed(_seed(plan.seed, stage.name, "loader", dist.rank)))
-    ident = StageIdentity(stage=stage.name, fingerprint=dict(stage.fingerprint), total_steps=total,
-                          train_samples=n_train, world_size=dist.world_size)
-    return _Job(plan=plan, stage=stage, dist=dist, dev=dev, task=task, parts=parts, loader=loader, ident=ident,
-                spe=spe, per_rank=math.ceil(n_train / dist.world_size), precision=precision,
-                autocast=autocast_for(precision, dev), saver=CheckpointWriter(stage.checkpoint_dir, tc.keep_checkpoints))
-
-
-def _restore(job: _Job) -> TrainState:
-    """Where training starts: this stage's own checkpoint > the parent's final weights > the seeded init."""
-    state = TrainState()
-    path = _choose_checkpoint(job)
-    if path is not None:
-        ck = load_state(path, job.ident)
-        _adopt_precision(job, ck.precision, str(path))
-        job.parts.restore(ck, rank=job.dist.rank, position=job.position(ck.step), path=path)
-        state.load_state_dict(ck.to_dict(), source=str(path))
-    elif job.stage.init_from.kind in ("stage", "path"):
-        init_weights(job.parts.model, job.stage.init_from, job.loc)
-    return state
-
-
-def _choose_checkpoint(job: _Job) -> Path | None:
-    """Rank 0 picks the checkpoint every rank resumes from, and tells the others.
-
-    Each rank listing the folder itself could pick different steps: shared file systems cache
-    directory listings per node, so a file rank 0 just wrote may not be listed on another node yet.
-    """
-    choice: tuple[str | None, tuple[str, str, str] | None] = (None, None)
-    if job.dist.is_main:
-        ckpt_dir = Path(job.stage.checkpoint_dir)
-        clean_temp_files(ckpt_dir)
-        try:
-            found = latest_checkpoint(ckpt_dir)
-            choice = (str(found) if found else None, None)
-        except CheckpointError as exc:  # every rank must raise it, or the others wait in the broadcast
-            choice = (None, (exc.msg, exc.loc or "", exc.hint or ""))
-    path, error = broadcast_from_rank0(choice, job.dist)
-    if error is not None:
-        raise CheckpointError(error[0], loc=error[1] or None, hint=error[2] or None)
-    return Path(path) if path is not None else None
-
-
-def _adopt_precision(job: _Job, saved: str | None, path: str) -> None:
-    """Continue in the precision the checkpoint was written in (a requeue may land on another GPU model)."""
-    kept = keep_precision(saved, job.precision, job.dev.type, bf16_supported(job.dev), path)
-    if kept != job.precision:
-        job.precision, job.autocast = kept, autocast_for(kept, job.dev)
-        job.parts.scaler = torch.amp.GradScaler(job.dev.type, enabled=kept == "fp16")
-
-
-def _distribute(job: _Job) -> torch.nn.Module:
-    """The model the loss calls: wrapped in DDP once its weights are in place, or the bare model alone."""
-    if not job.dist.enabled:
-        return job.parts.model
-    ddp = DistributedDataParallel(job.parts.model, device_ids=[job.dev.index] if job.dev.type == "cuda" else None)
-    _prime_buckets(job, ddp)
-    return ddp
-
-
-def _prime_buckets(job: _Job, ddp: DistributedDataParallel) -> None:
-    """One forward and backward that leaves no trace, so DDP re-buckets before the first real step.
-
-    DDP reduces its first iteration with buckets in parameter order, then rebuilds them in the
-    order gradients became ready. Without this, the first step of every job (a resumed one
-    included) would reduce each gradient at another buffer position, so in another summation
-    order over 3+ ranks, than the same step of an uninterrupted run: resume would not be bitwise
-    (tests/test_trainer_ddp.py, 4 ranks). With it every real step of every job uses the rebuilt
-    buckets. Cheaper than find_unused_parameters=True (which never rebuilds, at the price of an
-    autograd-graph walk every step; benchmarks/bench_ddp.py). RNG states and buffers (batch-norm
-    statistics) are put back and the gradients dropped, so training is as if it had not run.
-    """
-    parts = job.parts
-    rngs = parts.rng_state()
-    buffers = {name: b.detach().clone() for name, b in parts.model.named_buffers()}
-    batch = job.task.to_device(job.task.collate([job.loader.dataset[0]]), job.dev)
-    was_training = ddp.training
-    ddp.train()
-    with job.autocast():
-        loss = job.task.loss(ddp, batch, parts.loss_gen)
-    loss.float().backward()
-    ddp.train(was_training)
-    for param in parts.model.parameters():
-        param.grad = None
-    with torch.no_grad():
-        for name, b in parts.model.named_buffers():
-            b.copy_(buffers[name])
-    restore_rng(rngs, parts.loss_gen)
-
-
-def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | None, *, resumed_at: int) -> MetricsWriter:
+def _open_metrics(job: StageJob, on_progress: Callable[[dict[str, Any]], None] | None, *, resumed_at: int) -> MetricsWriter:
     """Rank 0's metrics stream (a no-op writer on the other ranks)."""
     main, path = job.dist.is_main, Path(job.stage.metrics_path)
     if not main:
         return MetricsWriter(None)
     tensorboard = job.plan.tracking.tensorboard or job.stage.train.tensorboard
-    hub = open_hub(job.plan, job.stage, resumed_at)
+    try:
+        hub = open_hub(job.plan, job.stage, resumed_at)
+    except Exception as exc:  # noqa: BLE001  (a tracker can never stop training: no hub, one warning)
+        log.warning("tracking off for this job: %s: %s", type(exc).__name__, exc)
+        hub = None
     if hub is None:
         return MetricsWriter(path, on_event=on_progress, tensorboard_dir=path.parent / TENSORBOARD_DIR if tensorboard else None)
 
@@ -436,7 +255,7 @@ def _open_metrics(job: _Job, on_progress: Callable[[dict[str, Any]], None] | Non
                          tensorboard_dir=path.parent / TENSORBOARD_DIR if tensorboard else None)
 
 
-def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s: float) -> None:
+def _log_start(job: StageJob, state: TrainState, metrics: MetricsWriter, *, setup_s: float) -> None:
     stage, dist = job.stage, job.dist
     if dist.is_main:
         log.info("stage %s: %s at step %d/%d on %s (%s, world size %d)", stage.name,
@@ -454,13 +273,13 @@ def _log_start(job: _Job, state: TrainState, metrics: MetricsWriter, *, setup_s:
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def _epoch_batches(job: _Job, step: int) -> Iterator[Any]:
+def _epoch_batches(job: StageJob, step: int) -> Iterator[Any]:
     """An iterator over the rest of the epoch `step` is in: the sampler restarts at the samples consumed."""
     job.parts.sampler.set_epoch(*job.position(step))
     return iter(job.loader)
 
 
-def _next_batch(job: _Job, batches: Iterator[Any], size: int, i: int, step: int) -> Any:
+def _next_batch(job: StageJob, batches: Iterator[Any], size: int, i: int, step: int) -> Any:
     """Micro-batch `i` of optimizer step `step`, on the device; it must hold `size` samples."""
     batch = next(batches, None)
     if batch is None or job.task.batch_len(batch) != size:
@@ -497,7 +316,7 @@ def apply_step(task: Task, model: torch.nn.Module, parts: TrainParts, micro: Ite
     return loss_sum, grad_norm
 
 
-def _train_step(job: _Job, model: torch.nn.Module, batches: Iterator[Any], state: TrainState) -> _StepDone:
+def _train_step(job: StageJob, model: torch.nn.Module, batches: Iterator[Any], state: TrainState) -> _StepDone:
     """One optimizer step: accumulate its micro-batches' gradients, clip, apply; advances `state.step`."""
     tc, parts = job.stage.train, job.parts
     epoch, _ = job.position(state.step)
@@ -514,13 +333,24 @@ def _train_step(job: _Job, model: torch.nn.Module, batches: Iterator[Any], state
     return _StepDone(epoch=epoch, lr=lr, samples=sum(sizes), loss_sum=loss_sum, grad_norm=grad_norm, t0=t0)
 
 
-def _agree(job: _Job, stop: bool, due: bool, loss_sum: torch.Tensor) -> tuple[bool, bool, float]:
-    """(stop, save due, mean loss) over ranks in one all-reduce: any rank's stop, rank 0's clock."""
-    stop_v, due_v, loss_v = sum_all([float(stop), float(due and job.dist.is_main), float(loss_sum)], job.dist, job.dev)
+def _agree(job: StageJob, stop: bool, due: bool, loss_sum: torch.Tensor) -> tuple[bool, bool, float]:
+    """(stop, save due, mean loss) over ranks in one all-reduce: any rank's stop, rank 0's clock.
+
+    Rank 0's failed background save rides along, so that every rank raises, not rank 0 alone while
+    the others wait in the next collective.
+    """
+    failed = job.dist.is_main and job.saver.failed
+    stop_v, due_v, loss_v, failed_v = sum_all([float(stop), float(due and job.dist.is_main), float(loss_sum),
+                                               float(failed)], job.dist, job.dev)
+    if failed_v > 0:
+        if job.dist.is_main:
+            job.saver.wait()  # raises the write's own error
+        raise CheckpointError("rank 0's background checkpoint write failed", loc=job.loc,
+                              hint="see rank 0's log for the error (a full disk?)")
     return stop_v > 0, due_v > 0, loss_v / job.dist.world_size
 
 
-def _log_step(job: _Job, state: TrainState, metrics: MetricsWriter, done: _StepDone, loss: float, dt: float) -> None:
+def _log_step(job: StageJob, state: TrainState, metrics: MetricsWriter, done: _StepDone, loss: float, dt: float) -> None:
     if job.dist.is_main and (state.step % job.stage.train.log_every == 0 or state.step == job.total):
         metrics.write({"event": "step", "step": state.step, "total_steps": job.total, "epoch": done.epoch,
                        "loss": loss, "lr": done.lr, "grad_norm": float(done.grad_norm),
@@ -531,7 +361,7 @@ def _log_step(job: _Job, state: TrainState, metrics: MetricsWriter, done: _StepD
 # --------------------------------------------------------------------------- saving and the end
 
 
-def _save(job: _Job, state: TrainState, metrics: MetricsWriter, reason: str) -> Path:
+def _save(job: StageJob, state: TrainState, metrics: MetricsWriter, reason: str) -> Path:
     """Checkpoint the state after `state.step`: every rank hands its RNG states to rank 0, which writes one file."""
     t0 = time.perf_counter()
     rngs = gather_to_rank0(job.parts.rng_state(), job.dist)
@@ -550,7 +380,7 @@ def _save(job: _Job, state: TrainState, metrics: MetricsWriter, reason: str) -> 
     return path
 
 
-def _log_saves(job: _Job, metrics: MetricsWriter, gathered_s: float = 0.0) -> None:
+def _log_saves(job: StageJob, metrics: MetricsWriter, gathered_s: float = 0.0) -> None:
     """A metrics line for each save that has finished (a background one ends while training goes on)."""
     if not job.dist.is_main:
         return
@@ -564,7 +394,7 @@ def _log_saves(job: _Job, metrics: MetricsWriter, gathered_s: float = 0.0) -> No
                  f", the loop waited {done.blocked_s:.2f}s" if done.background else "")
 
 
-def _stop(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
+def _stop(job: StageJob, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
     """A stop was asked (on some rank): save after this step and say so."""
     path = _save(job, state, metrics, "stop")
     metrics.write({"event": "stopped", "step": state.step, "total_steps": job.total, "checkpoint": str(path),
@@ -572,7 +402,7 @@ def _stop(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
     return StageOutcome("stopped", state.step, job.total, str(path), None, state.resumed_from)
 
 
-def _evaluate(job: _Job) -> dict[str, float]:
+def _evaluate(job: StageJob) -> dict[str, float]:
     """Rank 0's evaluation on the validation split (empty if none is asked or there is none)."""
     tc, stage = job.stage.train, job.stage
     if not job.dist.is_main or tc.eval_samples <= 0 or (stage.samples is not None and stage.samples.get("val", 0) <= 0):
@@ -582,7 +412,7 @@ def _evaluate(job: _Job) -> dict[str, float]:
                              max_samples=tc.eval_samples)
 
 
-def _finish(job: _Job, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
+def _finish(job: StageJob, state: TrainState, metrics: MetricsWriter) -> StageOutcome:
     """Full state first (so a kill during evaluation redoes no step), then evaluation and final.pt."""
     if state.last_saved_step != job.total:
         _save(job, state, metrics, "end")

@@ -83,3 +83,13 @@ def test_every_gpu_check_passes_on_this_gpu() -> None:
 
     results = run_checks("cuda:0")
     assert not [(c.name, c.detail) for c in results if c.status == "fail"]
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "error: --device: 'gpu' is not a device"),
+                                             ("cuda:3", "error: --device: cuda:3 is not visible here (0 CUDA device(s))")])
+def test_doctor_refuses_a_device_it_cannot_check(device: str, message: str) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the message names what is visible here; this machine has CUDA")
+    res = subprocess.run([sys.executable, "-m", "progressive", "doctor", "--gpu", "--device", device],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 2 and res.stderr.startswith(message), res.stderr

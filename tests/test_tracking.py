@@ -212,6 +212,8 @@ def test_a_key_in_stages_toml_wins_over_the_trackers_own_variables_and_plan_says
      "use one of the values listed above"),
     ("[tracking.neptune]\n", "s.toml: [tracking].neptune: unknown key 'neptune'", "valid keys: mlflow, tensorboard, wandb"),
     ("[tracking.mlflow]\nlog_model = 3\n", "s.toml: [tracking.mlflow].log_model: Input should be a valid boolean", ""),
+    (f'[tracking.wandb]\ntags = ["{"x" * 65}"]\n', "s.toml: [tracking.wandb].tags.0: String should have at most 64 characters",
+     ""),
 ])
 def test_bad_tracking_tables_get_one_message_naming_the_key(text: str, message: str, hint: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -250,3 +252,22 @@ def test_report_sends_the_transfer_matrix_to_each_stages_tracker_runs(tmp_path: 
         assert len(segs) == 2 and len({s.name.rsplit("-", 1)[1] for s in segs}) == 1
         summary = [r["summary"] for r in wandb_records(segs[-1]) if r["type"] == "summary"]
         assert any("transfer/n32/learned_iters" in json.dumps(s) for s in summary)
+
+
+def test_global_step_offsets_count_every_stage_of_the_graph_whatever_is_selected(tmp_path: Path) -> None:
+    from progressive.data.format import bucket_counts
+    from progressive.plan import build_plan
+
+    data = make_data(tmp_path / "m.h5")
+    cfg = parse_config(f'[run]\ndata = "{data}"\n' + tracking("sqlite:///ml.db") + STAGES, source=str(tmp_path / "x.toml"))
+    full = build_plan(cfg, tmp_path / "x.toml", counts=bucket_counts)
+    only_b = build_plan(cfg, tmp_path / "x.toml", select=["b"], counts=bucket_counts)
+    assert full.stages[0].total_steps
+    assert only_b.tracking.step_offsets["b"] == full.tracking.step_offsets["b"] == full.stages[0].total_steps
+
+
+def test_a_mistyped_wandb_mode_in_the_environment_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = parse_config("[tracking.wandb]\n" + BASE, source="s.toml")
+    with pytest.raises(ConfigError) as exc:
+        resolve_tracking(cfg, tmp_path, "run", {"WANDB_MODE": "offlin"}, {"a": 3})
+    assert exc.value.msg == "WANDB_MODE='offlin' is not a W&B mode" and exc.value.loc == "$WANDB_MODE"

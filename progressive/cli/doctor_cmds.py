@@ -35,8 +35,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from progressive import atomic
     from progressive.selfcheck import Check, run_checks
 
+    from progressive.errors import ConfigError
+
     con = console()
     dev = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(dev)
+    except RuntimeError:
+        raise ConfigError(f"{dev!r} is not a device", loc="--device", hint="use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"{dev} is not visible here ({torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                          "CUDA device(s))", loc="--device", hint="leave --device out to check what is here")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the self-check runs on cpu or cuda, not {parsed.type}", loc="--device",
+                          hint="use cpu, cuda or cuda:N")
     where = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "CPU (no CUDA device)"
     con.print(f"GPU self-check on {dev}: {where}, torch {torch.__version__}")
 

@@ -11,7 +11,9 @@ Steps are logged on the curriculum's global step (the stage's offset + its step)
 is monotonic across stages. Each step is recorded as handed to a tracker (tracking-sent.json)
 just before it is: a job that redoes steps after a crash (it resumed from a checkpoint older than
 what it had logged) sends a tracker nothing until it passes what that tracker already has, so no
-step reaches a tracker twice and none goes backwards. Steps an earlier job logged to metrics.jsonl
+step reaches a tracker twice and none goes backwards. The price: a step a tracker had taken but
+not yet delivered when the process was killed is lost to it (MLflow batches up to a second of
+steps; a stopped job flushes them in its 3 s). Steps an earlier job logged to metrics.jsonl
 but never got to a tracker (killed while its tracker was still connecting, or behind) are sent by
 the next job first, from metrics.jsonl, up to the step it resumed from; the steps after that it
 trains again itself. So a stage's tracker history ends up whole and in order.
@@ -62,7 +64,7 @@ class TrackerHub:
         self.sent = files.read_sent(stage_dir)  # per tracker, the last global step handed to it
         self.high_water = min(self.sent.get(s.name, 0) for s in sinks) - offset  # stage steps every tracker has
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=QUEUE_SIZE)
-        self._dropped = False
+        self._dropped = self._dropped_noted = False
         self._completed = False  # seen on the training thread: how long close() may wait
         self._outcome = "crashed"
         self._opened = threading.Event()  # every sink's open() has returned (or failed)
@@ -77,9 +79,7 @@ class TrackerHub:
         try:
             self._q.put_nowait(ev)
         except queue.Full:
-            if not self._dropped:
-                self._dropped = True
-                self._note("trackers fell behind: events dropped (a tracker is slow or its server does not answer)")
+            self._dropped = True  # noted by the hub's thread: writing a note here could block training
 
     def close(self, timeout: float | None = None) -> None:
         """Let the thread send what is queued and close the sinks, waiting at most `timeout` seconds
@@ -114,12 +114,22 @@ class TrackerHub:
             self._note(f"{sink.name} switched off for this job: {what} failed: {type(exc).__name__}: {first}"[:500])
 
     def _run(self) -> None:
+        try:
+            self._work()
+        except Exception as exc:  # noqa: BLE001  (the thread must say why it stopped, never raise into nothing)
+            self.sinks.clear()
+            self._note(f"trackers stopped for this job: {type(exc).__name__}: {exc}"[:500])
+
+    def _work(self) -> None:
         for sink in list(self.sinks):
             self._call(sink, "open")
         self._opened.set()
         self._catch_up()
         while True:
             ev = self._q.get()
+            if self._dropped and not self._dropped_noted:
+                self._dropped_noted = True
+                self._note("trackers fell behind: events dropped (a tracker is slow or its server does not answer)")
             if ev is None:
                 break
             self._dispatch(ev)
@@ -146,7 +156,8 @@ class TrackerHub:
             fresh = [s for s in self.sinks if gstep > self.sent.get(s.name, 0)]
             if not fresh:
                 return
-            # Recorded before it is sent: killed in between, a tracker misses this one step rather than get it twice.
+            # Recorded before it is sent: killed in between, a tracker misses what it had not delivered (this step,
+            # or MLflow's unflushed batch) rather than get anything twice.
             self.sent.update({s.name: gstep for s in fresh})
             try:
                 files.write_sent(self.stage_dir, self.sent)

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 from pydantic import BaseModel, ConfigDict
 
 from progressive.config import GraphConfig, deprecations
+from progressive.errors import ConfigError
 
 __all__ = ["WandbPlan", "MlflowPlan", "TrackingPlan", "resolve_tracking", "sqlite_uri", "describe"]
 
@@ -86,8 +87,11 @@ def resolve_tracking(cfg: GraphConfig, base: Path, run: str, env: Mapping[str, s
         for key, var, default in (("project", "WANDB_PROJECT", run), ("entity", "WANDB_ENTITY", None),
                                   ("mode", "WANDB_MODE", "online")):
             vals[key], src[key] = _pick(key, getattr(t.wandb, key), env, var, default)
-        if vals["mode"] not in ("online", "offline", "disabled"):  # WANDB_MODE=dryrun is W&B's old offline
-            vals["mode"] = "offline" if vals["mode"] == "dryrun" else "online"
+        if vals["mode"] == "dryrun":  # W&B's old name for offline
+            vals["mode"] = "offline"
+        if vals["mode"] not in ("online", "offline", "disabled"):
+            raise ConfigError(f"WANDB_MODE={vals['mode']!r} is not a W&B mode", loc="$WANDB_MODE",
+                              hint="use online, offline or disabled, or set [tracking.wandb] mode in stages.toml")
         wandb = WandbPlan(tags=t.wandb.tags, sources=src, **vals)
     if t.mlflow is not None:
         uri, uri_src = _pick("tracking_uri", t.mlflow.tracking_uri, env, "MLFLOW_TRACKING_URI", None)

@@ -46,7 +46,8 @@ class WandbSink:
         w = self.plan.tracking.wandb
         assert w is not None
         run_id = files.get_or_create_id(self.plan.run_dir, "wandb", self.stage.name)
-        tags = [*w.tags, *(f"{k}={v}" for k, v in self.plan.tracking.params.items())]
+        # W&B refuses tags over 64 characters (a sweep's "stages" parameter makes long ones): cut, not refused.
+        tags = [t[:64] for t in (*w.tags, *(f"{k}={v}" for k, v in self.plan.tracking.params.items()))]
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(
             project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",  # type: ignore[arg-type]
