@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from progressive.cli.render import console, print_next
@@ -31,6 +32,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     console().print(f"wrote {', '.join(rel(p) for p in written)}", markup=False)
     commands = next_commands(args.task, sweep=args.sweep)
     if folder.resolve() != Path.cwd().resolve():
-        commands = [f"cd {rel(folder)}", *commands]
+        commands = [f"cd {shlex.quote(rel(folder))}", *commands]
     print_next(*commands)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def run_ref(rec: Any) -> str:
     jobs_root = Path(rec.run_dir).parent
     if jobs_root.resolve() == Path("jobs").resolve():
         return rec.run_name
-    return f"{rec.run_name} --jobs {rel(jobs_root)}"
+    return f"{rec.run_name} --jobs {shlex.quote(rel(jobs_root))}"
 
 
 def _run_local(rec: Any, *, wide: bool = False) -> int:

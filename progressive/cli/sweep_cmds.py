@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,7 +311,7 @@ def _show_status(rec: Any, table: Any = None, *, wide: bool = False, con: Any = 
         stage = next((s for s, state in r.stages.items() if state in ("failed", "timeout")), None)
         if stage is not None:
             con.print(f"{r.name} {r.stages[stage]} in {stage}; its log: progressive logs {r.name} {stage} "
-                      f"--jobs {rel(rec.sweep_dir)}", markup=False, soft_wrap=True)
+                      f"--jobs {shlex.quote(rel(rec.sweep_dir))}", markup=False, soft_wrap=True)
     if top is not None:
         con.print(f"best so far: {top.name} ({rec.metric} {top.final_metric:.4g})")
 
