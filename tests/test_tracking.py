@@ -159,9 +159,11 @@ def test_a_tracking_server_that_does_not_answer_leaves_training_untouched(tmp_pa
     assert out.status == "completed"
     assert_same_weights(final_weights(out.checkpoint or ""), final_weights(ref.stages[0].final_checkpoint))
     notes = json.loads((Path(plan.stages[0].metrics_path).parent / "tracking-notes.json").read_text())
-    # MLflow gives up after its (lowered) HTTP timeout and retry, or the job's end stops waiting first.
-    assert len(notes) == 1 and notes[0].startswith(("mlflow switched off for this job: open failed: MlflowException",
-                                                    "a tracker did not connect within 20 s of the job's end")), notes
+    # MLflow gives up after its (lowered) HTTP timeout and one retry (~20 s), and the job's end stops waiting
+    # after 20 s: either note, or both, as the two race.
+    assert 1 <= len(notes) <= 2 and all(n.startswith((
+        "mlflow switched off for this job: open failed: MlflowException",
+        "a tracker did not connect within 20 s of the job's end")) for n in notes), notes
 
 
 def test_submit_local_with_offline_wandb_then_status_and_sync_dry_run(tmp_path: Path, tiny_dataset: Path) -> None:
