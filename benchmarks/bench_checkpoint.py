@@ -37,12 +37,10 @@ CHUNK = 64 * 2**20
 
 
 def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """A cold read next: the file's pages out of the page cache (bench_data's `evict`)."""
+    from benchmarks.bench_data import evict
+
+    evict(path)
 
 
 def baseline_write(path: Path, nbytes: int) -> float:
