@@ -21,6 +21,12 @@ FLUSH_EVERY_S = 1.0
 SQLITE = "sqlite:///"
 
 
+def bound_requests() -> None:
+    """Before mlflow is imported (it reads them then): give up on a server in seconds, not MLflow's minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+
+
 def _create_sqlite_store(uri: str) -> None:
     """Make a new sqlite store whole or not at all: MLflow builds its schema in many steps (~2 s), and a job
     that ends meanwhile (a stop, a kill) would leave a store every later job fails to open. So it is built
@@ -63,9 +69,7 @@ class MlflowSink:
         self.last_flush = time.monotonic()
 
     def open(self) -> None:
-        # Before mlflow is imported (it reads them then): seconds, not MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        bound_requests()
         from mlflow.tracking import MlflowClient
 
         m = self.plan.tracking.mlflow

@@ -11,7 +11,6 @@ the report's output, never a failed report.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,11 @@ def publish_transfer(plan: Plan, cells: dict[tuple[str, int], dict[str, float]])
 def _wandb(plan: Plan, cells: dict[tuple[str, int], dict[str, float]]) -> int:
     import wandb
 
-    from progressive.tracking.wandb_sink import INIT_TIMEOUT_S
+    from progressive.tracking.wandb_sink import job_settings
 
     w = plan.tracking.wandb
     assert w is not None
     sent = 0
-    os.environ.setdefault("WANDB_SILENT", "true")
     for st in plan.stages:
         run_id = files.read_id(plan.run_dir, "wandb", st.name)
         values = _rows(cells, st.name)
@@ -62,8 +60,7 @@ def _wandb(plan: Plan, cells: dict[tuple[str, int], dict[str, float]]) -> int:
             continue
         run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",  # type: ignore[arg-type]
                          dir=str(Path(st.metrics_path).parent), reinit="create_new",
-                         settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off", disable_git=True,
-                                                 silent=True, x_disable_stats=True))
+                         settings=job_settings())
         run.summary.update(values)
         run.finish()
         sent += 1
@@ -71,9 +68,11 @@ def _wandb(plan: Plan, cells: dict[tuple[str, int], dict[str, float]]) -> int:
 
 
 def _mlflow(plan: Plan, cells: dict[tuple[str, int], dict[str, float]]) -> int:
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     import time
+
+    from progressive.tracking.mlflow_sink import bound_requests
+
+    bound_requests()
 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient

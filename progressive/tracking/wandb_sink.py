@@ -31,6 +31,14 @@ def stage_config(plan: Plan, stage: StagePlan) -> dict[str, Any]:
                 {"sweep_params": dict(plan.tracking.params)} if plan.tracking.params else {})}
 
 
+def job_settings() -> Any:
+    """The W&B settings of every init from a job or from `report`: bounded init, no console capture, no git."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off", disable_git=True, silent=True, x_disable_stats=True)
+
+
 class WandbSink:
     """Drives one W&B run (from the hub's thread)."""
 
@@ -48,14 +56,12 @@ class WandbSink:
         run_id = files.get_or_create_id(self.plan.run_dir, "wandb", self.stage.name)
         # W&B refuses tags over 64 characters (a sweep's "stages" parameter makes long ones): cut, not refused.
         tags = [t[:64] for t in (*w.tags, *(f"{k}={v}" for k, v in self.plan.tracking.params.items()))]
-        os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(
             project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",  # type: ignore[arg-type]
             name=f"{self.plan.run_name}.{self.stage.name}", group=self.plan.tracking.group or self.plan.run_name,
             job_type=self.stage.name, config=stage_config(self.plan, self.stage), tags=tags[:64],
             dir=str(self.stage_dir), reinit="create_new",
-            settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off", disable_git=True, silent=True,
-                                    x_disable_stats=True))
+            settings=job_settings())
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 
